@@ -1,0 +1,3 @@
+from mmchat.cli import main
+
+main()

@@ -1,0 +1,31 @@
+"""Command-line interface: a thin layer over mmchat's library modules.
+
+Each command lives in its own module and registers itself on :data:`app`;
+:func:`main` turns :class:`~mmchat.errors.UserError` into one red line and exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from mmchat.cli.app import app, state
+from mmchat.errors import UserError
+
+# Command modules register themselves on import; keep this list sorted.
+from mmchat.cli import doctor as _doctor  # noqa: E402,F401  (registers `doctor`)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except UserError as exc:
+        if state.get("debug"):
+            raise
+        from mmchat.console import print_error
+
+        print_error(str(exc))
+        sys.exit(exc.exit_code)
+
+
+__all__ = ["app", "main"]
