@@ -10,7 +10,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _reference_module():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("cli_reference", ROOT / "docs" / "cli_reference.py")
+    spec = importlib.util.spec_from_file_location(
+        "cli_reference", ROOT / "docs" / "cli_reference.py"
+    )
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -26,8 +28,9 @@ def test_command_reference_matches_cli() -> None:
 
 
 def test_every_command_is_documented() -> None:
-    from mmchat.cli import app
     import typer.main
+
+    from mmchat.cli import app
 
     group = typer.main.get_command(app)
     readme = (ROOT / "README.md").read_text()

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import sys
 
+# Command modules register themselves on import; keep this list sorted.
+from mmchat.cli import doctor as _doctor  # noqa: F401  (registers `doctor`)
 from mmchat.cli.app import app, state
 from mmchat.errors import UserError
-
-# Command modules register themselves on import; keep this list sorted.
-from mmchat.cli import doctor as _doctor  # noqa: E402,F401  (registers `doctor`)
 
 
 def main(argv: list[str] | None = None) -> None:

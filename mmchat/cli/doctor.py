@@ -45,10 +45,7 @@ def _render(report: doctor_mod.DoctorReport) -> Table:
     if report.native_loaded:
         table.add_row("native vision library", f"[green]loaded[/] from {report.native_library}")
     else:
-        table.add_row(
-            "native vision library",
-            f"[red]not loaded[/]: {report.native_error} (looked at {report.native_library})",
-        )
+        table.add_row("native vision library", f"[red]not loaded[/]: {report.native_error}")
     for dev in report.devices:
         mem = (
             f"{format_bytes(dev['memory_free'])} free / {format_bytes(dev['memory_total'])}"
@@ -60,10 +57,8 @@ def _render(report: doctor_mod.DoctorReport) -> Table:
             f"{dev['type']} · {dev['backend']} · {dev['description']} · {mem}",
         )
     free = report.store_free_bytes
-    table.add_row(
-        "model store",
-        f"{report.store_path} ({format_bytes(free) + ' free' if free is not None else 'free space unknown'})",
-    )
+    free_text = f"{format_bytes(free)} free" if free is not None else "free space unknown"
+    table.add_row("model store", f"{report.store_path} ({free_text})")
     status = "[green]usable[/]" if report.ok else "[red]not usable[/]"
     table.add_row("status", status)
     return table
