@@ -1,0 +1,359 @@
+"""``ChatSession``: a conversation with a loaded model, streamed reply by reply.
+
+Behaviour the REPL and the server rely on:
+
+- **KV-cache prefix reuse.** Every turn renders the whole conversation with the chat
+  template and hands it to ``LoadedModel.run_prompt``, which keeps the longest common prefix
+  already in the context and decodes only the rest. A follow-up question about an image seen
+  before costs only the new tokens, and the image is not encoded again (``Stats``:
+  ``prompt_eval_tokens``, ``cached_tokens``, ``images_encoded``).
+- **Context overflow.** When the prompt plus room for the reply (``min(max_tokens, n_ctx/4)``)
+  would not fit, the oldest turns (a user message and the replies after it) are left out of
+  the prompt, the system prompt always kept; a ``ContextTrimmed`` event says how many
+  messages. The history keeps them (``export``). A single message that cannot fit even alone
+  (e.g. an image with more tokens than the context) is a ``UserError`` and nothing is added to
+  the history. A reply that fills the context ends with ``done_reason == "length"``.
+- **Cancellation.** ``send`` is a generator: stop iterating and ``close()`` it (or let it be
+  garbage-collected, or raise KeyboardInterrupt inside it) and the session stays usable. The
+  user message and the part of the reply already yielded are kept in the history (the
+  assistant message is marked ``interrupted``); the context keeps exactly the tokens that were
+  decoded, and the next turn reuses them as far as they match the re-rendered conversation.
+  If the prompt itself was interrupted (before any reply), the user message is dropped.
+- **Stop strings** end the reply before the stop string (which is not part of the text);
+  text that may be the start of a stop string is held back until it is decided.
+- The first whitespace of a reply is dropped (SentencePiece's "▁" after ``ASSISTANT:``).
+"""
+
+from __future__ import annotations
+
+import codecs
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from mmchat.errors import UserError
+from mmchat.runtime import _llama
+from mmchat.runtime.events import ContextTrimmed, Done, DoneReason, Event, Stats, Token
+from mmchat.runtime.messages import (
+    ImageInput,
+    ImageLoader,
+    Message,
+    messages_from_data,
+)
+from mmchat.runtime.model import (
+    ContextOverflowError,
+    LoadedModel,
+    PromptImage,
+    PromptItem,
+    count_positions,
+    seed_or_random,
+)
+from mmchat.runtime.options import SamplingParams
+
+EXPORT_VERSION = 1
+
+
+def _json_grammar() -> str:
+    from llama_cpp.llama_grammar import JSON_GBNF
+
+    return str(JSON_GBNF)
+
+
+def _holdback(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+class ChatSession:
+    """A conversation: system prompt, messages, sampling parameters, and statistics."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        system: str | None = None,
+        params: SamplingParams | None = None,
+    ) -> None:
+        self.model = model
+        self.system: str | None = system or None
+        if params is None:
+            params = SamplingParams(seed=model.options.seed)
+        params.validate()
+        self.params = params
+        self.messages: list[Message] = []
+        self.window_start = 0
+        """Index of the first message the model still sees (older ones were trimmed)."""
+        self.last_stats: Stats | None = None
+        self._cancel = threading.Event()
+
+    # -- conversation state --
+
+    def clear(self) -> None:
+        """Forget the conversation (the system prompt and parameters stay)."""
+        self.messages.clear()
+        self.window_start = 0
+
+    def set_system(self, text: str | None) -> None:
+        self.system = text or None
+
+    def set_params(self, **changes: Any) -> SamplingParams:
+        """Change sampling parameters by name (``/set parameter``); returns the new set."""
+        self.params = self.params.updated(**changes)
+        return self.params
+
+    @property
+    def visible_messages(self) -> list[Message]:
+        """The messages the model sees (after any trimming)."""
+        return self.messages[self.window_start :]
+
+    def cancel(self) -> None:
+        """Ask a running ``send`` (in another thread) to stop at the next token or batch."""
+        self._cancel.set()
+
+    def export(self) -> dict[str, Any]:
+        """The conversation as plain JSON-able data (images by sha256 + path)."""
+        return {
+            "version": EXPORT_VERSION,
+            "model": str(self.model.path),
+            "system": self.system,
+            "params": {k: v for k, v in asdict(self.params).items()},
+            "messages": [m.to_dict() for m in self.messages],
+        }
+
+    def load(
+        self,
+        data: Mapping[str, Any],
+        *,
+        load_image: ImageLoader | None = None,
+        base_dir: Path | None = None,
+    ) -> None:
+        """Replace the conversation with one from ``export`` (images re-read and checked)."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("messages", []), list):
+            raise UserError("not a saved mmchat conversation")
+        messages = messages_from_data(
+            data.get("messages", []), load_image=load_image, base_dir=base_dir
+        )
+        if any(m.images for m in messages) and not self.model.has_vision:
+            raise UserError("the conversation has images but this model cannot see images")
+        params = self.params
+        if isinstance(data.get("params"), Mapping):
+            params = params.updated(**dict(data["params"]))
+        self.params = params
+        self.system = data.get("system") or None
+        self.messages = messages
+        self.window_start = 0
+
+    # -- talking --
+
+    def send(
+        self,
+        text: str,
+        images: Sequence[ImageInput] = (),
+        *,
+        params: SamplingParams | None = None,
+    ) -> Iterator[Event]:
+        """Add a user message and stream the reply: ``Token``s, maybe a ``ContextTrimmed``
+        first, and a final ``Done`` with the statistics."""
+        p = params or self.params
+        p.validate()
+        imgs = list(images)
+        model = self.model
+        if (
+            imgs
+            and not model.has_vision
+            and any(getattr(i, "embeddings", None) is None and not hasattr(i, "ndim") for i in imgs)
+        ):
+            raise UserError("this model cannot see images")
+        return self._send(Message("user", text, imgs), p)
+
+    def reply(self, *, params: SamplingParams | None = None) -> Iterator[Event]:
+        """Generate an assistant reply to the history as it is (its last message must be the
+        user's), e.g. for an API request that brings its own messages."""
+        if not self.messages or self.messages[-1].role != "user":
+            raise UserError("the conversation must end with a user message")
+        p = params or self.params
+        p.validate()
+        return self._send(None, p)
+
+    def _send(self, user: Message | None, p: SamplingParams) -> Iterator[Event]:
+        model = self.model
+        t_call = time.perf_counter()
+        model.lock.acquire()
+        t_start = time.perf_counter()
+        self._cancel.clear()
+        stats = Stats(load_ms=model.load_ms, queue_ms=(t_start - t_call) * 1000)
+        added = False
+        try:
+            if user is not None:
+                self.messages.append(user)
+                added = True
+            try:
+                items, dropped = self._fit(p)
+                stats.dropped_messages = dropped
+                if dropped:
+                    yield ContextTrimmed(dropped, count_positions(items), model.n_ctx)
+                run = model.run_prompt(items, cancel=self._cancel)
+            except BaseException:
+                if added:
+                    self.messages.pop()
+                raise
+            stats.prompt_tokens = run.prompt_tokens
+            stats.prompt_eval_tokens = run.evaluated
+            stats.cached_tokens = run.cached
+            stats.prompt_eval_ms = run.eval_ms
+            stats.images = run.images
+            stats.images_encoded = run.images_encoded
+            stats.image_encode_ms = run.encode_ms
+            yield from self._generate(p, stats, t_start)
+        finally:
+            model.lock.release()
+
+    def _fit(self, p: SamplingParams) -> tuple[list[PromptItem], int]:
+        """The prompt for the visible conversation, trimming the oldest turns to make room."""
+        model = self.model
+        n_ctx = model.n_ctx
+        reserve = max(1, min(p.max_tokens if p.max_tokens is not None else n_ctx, n_ctx // 4))
+        start = self.window_start
+        last_user = max(i for i, m in enumerate(self.messages) if m.role == "user")
+        while True:
+            items = model.build_prompt(self.messages[start:], system=self.system)
+            n = count_positions(items)
+            if n + reserve <= n_ctx:
+                break
+            nxt = next(
+                (i for i in range(start + 1, last_user + 1) if self.messages[i].role == "user"),
+                None,
+            )
+            if nxt is None:
+                if n < n_ctx:  # fits, with less room for the reply
+                    break
+                raise self._too_long(items, n, n_ctx)
+            start = nxt
+        dropped = start - self.window_start
+        self.window_start = start
+        return items, dropped
+
+    def _too_long(self, items: list[PromptItem], n: int, n_ctx: int) -> UserError:
+        img_tokens = [it.n_tokens for it in items if isinstance(it, PromptImage)]
+        if img_tokens and max(img_tokens) >= n_ctx - 1:
+            return ContextOverflowError(
+                n,
+                n_ctx,
+                f"the image needs {max(img_tokens)} tokens but the context holds only {n_ctx} "
+                "(start with a larger context, e.g. --ctx)",
+            )
+        return ContextOverflowError(
+            n,
+            n_ctx,
+            f"the message needs {n} tokens with the system prompt but the context holds "
+            f"only {n_ctx} (shorten it or start with a larger context, e.g. --ctx)",
+        )
+
+    def _generate(self, p: SamplingParams, stats: Stats, t_start: float) -> Iterator[Event]:
+        model = self.model
+        grammar = p.grammar
+        if grammar is None and p.format == "json":
+            grammar = _json_grammar()
+        chain = _llama.build_sampler(
+            model.text,
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            min_p=p.min_p,
+            repeat_penalty=p.repeat_penalty,
+            repeat_last_n=p.repeat_last_n,
+            frequency_penalty=p.frequency_penalty,
+            presence_penalty=p.presence_penalty,
+            seed=seed_or_random(p.seed),
+            grammar=grammar,
+        )
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = [s for s in p.stop if s]
+        text = ""  # the reply so far (leading whitespace dropped)
+        emitted = 0  # characters of ``text`` already yielded
+        pending: list[int] = []  # token ids not yet yielded
+        started = False
+        reason: DoneReason = "stop"
+        busy = 0.0  # seconds spent sampling and decoding (not waiting for the consumer)
+        try:
+            while True:
+                if p.max_tokens is not None and stats.generated_tokens >= p.max_tokens:
+                    reason = "length"
+                    break
+                if self._cancel.is_set():
+                    raise KeyboardInterrupt
+                t0 = time.perf_counter()
+                token = chain.sample(model.ctx)
+                busy += time.perf_counter() - t0
+                if model.text.is_eog(token):
+                    break
+                stats.generated_tokens += 1
+                pending.append(token)
+                text += decoder.decode(model.text.piece(token))
+                if not started:
+                    stripped = text.lstrip()
+                    if stripped:
+                        started = True
+                    text = stripped
+                cut = -1
+                if stops:
+                    window = max(0, emitted - max(len(s) for s in stops))
+                    hits = [i for i in (text.find(s, window) for s in stops) if i >= 0]
+                    cut = min(hits) if hits else -1
+                if cut >= 0:
+                    text = text[:cut]
+                    break
+                safe = len(text) - _holdback(text, stops)
+                if safe > emitted:
+                    if not stats.ttft_ms:
+                        stats.ttft_ms = (time.perf_counter() - t_start) * 1000
+                    yield Token(text[emitted:safe], pending)
+                    emitted = safe
+                    pending = []
+                if len(model._units) >= model.n_ctx:
+                    reason = "length"
+                    break
+                t0 = time.perf_counter()
+                model.decode_token(token)
+                busy += time.perf_counter() - t0
+            tail = decoder.decode(b"", final=True)
+            if tail and (started or tail.strip()):
+                text += tail if started else tail.lstrip()
+            if len(text) > emitted:
+                if not stats.ttft_ms:
+                    stats.ttft_ms = (time.perf_counter() - t_start) * 1000
+                yield Token(text[emitted:], pending)
+                emitted = len(text)
+        except (GeneratorExit, KeyboardInterrupt):
+            stats.eval_ms = busy * 1000
+            stats.total_ms = (time.perf_counter() - t_start) * 1000
+            stats.done_reason = "cancelled"
+            self.messages.append(Message("assistant", text[:emitted], interrupted=True))
+            self.last_stats = stats
+            raise
+        finally:
+            chain.close()
+        stats.eval_ms = busy * 1000
+        stats.total_ms = (time.perf_counter() - t_start) * 1000
+        stats.done_reason = reason
+        self.messages.append(Message("assistant", text))
+        self.last_stats = stats
+        yield Done(text=text, stats=stats, done_reason=reason)
+
+    def ask(self, text: str, images: Sequence[ImageInput] = (), **kw: Any) -> Done:
+        """Send and wait for the whole reply (convenience for scripts and tests)."""
+        done: Done | None = None
+        for ev in self.send(text, images, **kw):
+            if isinstance(ev, Done):
+                done = ev
+        assert done is not None
+        return done
