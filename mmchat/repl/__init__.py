@@ -1,0 +1,1 @@
+"""The interactive chat (``mmchat run``): inline image paths, slash commands, streaming output."""
