@@ -32,7 +32,6 @@ from mmchat.runtime.template import (
     ChatTemplate,
     ImageSlot,
     TemplateMessage,
-    guess_format,
     select_template,
 )
 
@@ -609,6 +608,32 @@ class LoadedModel:
         return Evaluation(image_embeddings=embeddings, logits=self.logits(), segments=segments)
 
 
+META_SPACE_AFTER_IMAGE = "mmchat.tokenizer.space_after_image"
+
+
+def _space_after_image(info: GGUFInfo, text: _llama.TextModel, image_token: str) -> bool:
+    """How the text after an image is tokenized, when the caller does not say.
+
+    1. The GGUF key ``mmchat.tokenizer.space_after_image`` (bool), when a converter wrote it.
+    2. A vocabulary with the image token (``<image>``) as one token was packaged for
+       transformers' processor, which tokenizes the whole prompt at once with ``<image>`` as
+       an added special token: the text after it gets no "▁" (llava-hf checkpoints, whose
+       tokenizers are non-legacy). → False.
+    3. Otherwise (original LLaVA / BakLLaVA, published GGUFs): LLaVA's
+       ``tokenizer_image_token`` tokenized each chunk around the image on its own, so the
+       text after the image starts with SentencePiece's "▁" — what the model was trained
+       with, and what llama.cpp's mtmd does. → True.
+    """
+    value = info.get(META_SPACE_AFTER_IMAGE)
+    if isinstance(value, bool):
+        return value
+    if image_token:
+        ids = text.tokenize(image_token, add_special=False, parse_special=True)
+        if len(ids) == 1 and text.token_text(ids[0]) == image_token:
+            return False
+    return True
+
+
 def _free(text: _llama.TextModel, ctx: _llama.Context, vision: Any) -> None:
     try:
         if vision is not None:
@@ -705,8 +730,7 @@ def load_model(
             eos_token=eos,
         )
         if space_after_image is None:
-            fmt = guess_format(*[n for n in names if isinstance(n, str)])
-            space_after_image = fmt.space_after_image
+            space_after_image = _space_after_image(info, text, tmpl.image_token)
     except BaseException:
         if vision is not None:
             vision.close()

@@ -26,7 +26,6 @@ Behaviour the REPL and the server rely on:
 
 from __future__ import annotations
 
-import codecs
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -52,6 +51,7 @@ from mmchat.runtime.model import (
     seed_or_random,
 )
 from mmchat.runtime.options import SamplingParams
+from mmchat.runtime.streaming import ReplyText
 
 EXPORT_VERSION = 1
 
@@ -60,17 +60,6 @@ def _json_grammar() -> str:
     from llama_cpp.llama_grammar import JSON_GBNF
 
     return str(JSON_GBNF)
-
-
-def _holdback(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
 
 
 class ChatSession:
@@ -276,12 +265,8 @@ class ChatSession:
             seed=seed_or_random(p.seed),
             grammar=grammar,
         )
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = [s for s in p.stop if s]
-        text = ""  # the reply so far (leading whitespace dropped)
-        emitted = 0  # characters of ``text`` already yielded
-        pending: list[int] = []  # token ids not yet yielded
-        started = False
+        reply = ReplyText(p.stop)
+        pending: list[int] = []  # token ids whose text is not yet yielded
         reason: DoneReason = "stop"
         busy = 0.0  # seconds spent sampling and decoding (not waiting for the consumer)
         try:
@@ -298,46 +283,30 @@ class ChatSession:
                     break
                 stats.generated_tokens += 1
                 pending.append(token)
-                text += decoder.decode(model.text.piece(token))
-                if not started:
-                    stripped = text.lstrip()
-                    if stripped:
-                        started = True
-                    text = stripped
-                cut = -1
-                if stops:
-                    window = max(0, emitted - max(len(s) for s in stops))
-                    hits = [i for i in (text.find(s, window) for s in stops) if i >= 0]
-                    cut = min(hits) if hits else -1
-                if cut >= 0:
-                    text = text[:cut]
-                    break
-                safe = len(text) - _holdback(text, stops)
-                if safe > emitted:
+                chunk = reply.feed(model.text.piece(token))
+                if chunk:
                     if not stats.ttft_ms:
                         stats.ttft_ms = (time.perf_counter() - t_start) * 1000
-                    yield Token(text[emitted:safe], pending)
-                    emitted = safe
+                    yield Token(chunk, pending)
                     pending = []
-                if len(model._units) >= model.n_ctx:
+                if reply.stopped:
+                    break
+                if model.kv_tokens >= model.n_ctx:
                     reason = "length"
                     break
                 t0 = time.perf_counter()
                 model.decode_token(token)
                 busy += time.perf_counter() - t0
-            tail = decoder.decode(b"", final=True)
-            if tail and (started or tail.strip()):
-                text += tail if started else tail.lstrip()
-            if len(text) > emitted:
+            chunk = reply.finish()
+            if chunk:
                 if not stats.ttft_ms:
                     stats.ttft_ms = (time.perf_counter() - t_start) * 1000
-                yield Token(text[emitted:], pending)
-                emitted = len(text)
+                yield Token(chunk, pending)
         except (GeneratorExit, KeyboardInterrupt):
             stats.eval_ms = busy * 1000
             stats.total_ms = (time.perf_counter() - t_start) * 1000
             stats.done_reason = "cancelled"
-            self.messages.append(Message("assistant", text[:emitted], interrupted=True))
+            self.messages.append(Message("assistant", reply.shown, interrupted=True))
             self.last_stats = stats
             raise
         finally:
@@ -345,9 +314,9 @@ class ChatSession:
         stats.eval_ms = busy * 1000
         stats.total_ms = (time.perf_counter() - t_start) * 1000
         stats.done_reason = reason
-        self.messages.append(Message("assistant", text))
+        self.messages.append(Message("assistant", reply.text))
         self.last_stats = stats
-        yield Done(text=text, stats=stats, done_reason=reason)
+        yield Done(text=reply.text, stats=stats, done_reason=reason)
 
     def ask(self, text: str, images: Sequence[ImageInput] = (), **kw: Any) -> Done:
         """Send and wait for the whole reply (convenience for scripts and tests)."""

@@ -40,10 +40,6 @@ class ChatFormat:
     match: tuple[str, ...] = ()
     """Lower-case substrings of ``general.name``/``general.basename`` that select it."""
     image_token: str = "<image>"
-    space_after_image: bool = False
-    """Tokenize the text after an image as a fragment of its own (SentencePiece dummy prefix
-    "▁"), as original LLaVA's ``tokenizer_image_token`` and llama.cpp's mtmd do; False: as the
-    continuation of the prompt, as transformers' tokenizers do for the llava-hf checkpoints."""
     description: str = ""
 
 
