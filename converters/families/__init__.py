@@ -1,0 +1,40 @@
+"""Model families ``mmchat convert`` understands, detected from config.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mmchat.errors import UserError
+
+from .base import Family, FamilyPlan, TensorJob, TextHParams, VisionHParams
+from .llava_hf import LlavaHF
+from .llava_original import LlavaLlama, LlavaMistral
+
+FAMILIES: tuple[type[Family], ...] = (LlavaHF, LlavaLlama, LlavaMistral)
+
+
+def supported_architectures() -> list[str]:
+    return [a for fam in FAMILIES for a in fam.architectures]
+
+
+def detect_family(config: dict[str, Any]) -> Family:
+    for fam in FAMILIES:
+        if fam.detect(config):
+            return fam()
+    archs = config.get("architectures") or [config.get("model_type") or "unknown"]
+    raise UserError(
+        f"Unsupported architecture {', '.join(map(str, archs))}; mmchat convert supports "
+        f"{', '.join(supported_architectures())}"
+    )
+
+
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "FamilyPlan",
+    "TensorJob",
+    "TextHParams",
+    "VisionHParams",
+    "detect_family",
+    "supported_architectures",
+]

@@ -1,0 +1,97 @@
+"""`mmchat convert`: a LLaVA-family Hugging Face checkpoint -> GGUF model + mmproj."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from mmchat.cli.app import app
+from mmchat.console import err, out, print_warning
+
+
+def _register(result: Any) -> str | None:
+    """Register the converted files in the model store when it exists; return its name."""
+    try:
+        from mmchat.store import open_store
+    except ImportError:
+        return None
+    import inspect
+
+    store = open_store()
+    extra: dict[str, Any] = {}
+    if "family" in inspect.signature(store.register).parameters:
+        extra["family"] = "llava"
+    record = store.register(
+        result.name,
+        model=result.model_path,
+        mmproj=result.mmproj_path,
+        template=result.chat_template,
+        source={"type": "convert", **result.source},
+        **extra,
+    )
+    return str(getattr(record, "name", result.name))
+
+
+@app.command()
+def convert(
+    source: str = typer.Argument(
+        ..., metavar="SRC", help="Checkpoint folder or Hugging Face repo id (owner/name)."
+    ),
+    name: str | None = typer.Option(
+        None, "--name", "-n", help="Model name (default: the folder or repo name)."
+    ),
+    quant: str = typer.Option(
+        "q4_k_m",
+        "--quant",
+        "-q",
+        help="Language model type: f32 f16 bf16 q8_0 q6_k q5_k_m q5_k_s q5_1 q5_0 "
+        "q4_k_m q4_k_s q4_1 q4_0 q3_k_l q3_k_m q3_k_s q2_k.",
+    ),
+    vision_quant: str = typer.Option(
+        "f16",
+        "--vision-quant",
+        help="Vision tower + projector type: f32 f16 bf16 q8_0 q6_k q5_k q5_1 q5_0 q4_k "
+        "q4_1 q4_0 q3_k q2_k.",
+    ),
+    outdir: Path = typer.Option(
+        Path("."), "--outdir", "-o", help="Folder for the two GGUF files.", file_okay=False
+    ),
+    vision_tower: Path | None = typer.Option(
+        None,
+        "--vision-tower",
+        help="Local CLIP tower folder for original LLaVA checkpoints (default: the repo "
+        "named by mm_vision_tower).",
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", "-t", min=1, help="Quantization threads (default: all cores)."
+    ),
+    register: bool = typer.Option(
+        True, "--register/--no-register", help="Add the result to the local model store."
+    ),
+) -> None:
+    """Convert a LLaVA-family checkpoint to GGUF (language model + mmproj), quantizing both."""
+    from mmchat.converters import convert as run_convert
+
+    result = run_convert(
+        source,
+        outdir=outdir,
+        name=name,
+        quant=quant,
+        vision_quant=vision_quant,
+        vision_tower=vision_tower,
+        progress=err.is_terminal,
+        threads=threads,
+    )
+    out.print(result.summary_table())
+    for note in result.notes:
+        print_warning(note)
+    out.print(f"model:  {result.model_path}", markup=False, soft_wrap=True)
+    out.print(f"mmproj: {result.mmproj_path}", markup=False, soft_wrap=True)
+    if register:
+        registered = _register(result)
+        if registered:
+            out.print(
+                f"registered as {registered}; chat with: mmchat run {registered}", markup=False
+            )
