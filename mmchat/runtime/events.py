@@ -15,8 +15,9 @@ class Stats:
     ``prompt_tokens`` counts every position of the prompt (image tokens included);
     ``prompt_eval_tokens`` those evaluated for this reply; ``cached_tokens`` those reused from
     the KV cache (``prompt_tokens == prompt_eval_tokens + cached_tokens``).
-    ``images_encoded`` counts calls to the vision engine for this reply (0 when every image
-    was already in the KV cache); ``image_encode_ms`` their wall time.
+    ``images_encoded`` counts the images handed to the vision engine for this reply (0 when
+    every image was already in the KV cache), ``images_from_cache`` those of them it served
+    from its embedding cache; ``image_encode_ms`` is the wall time of those calls.
     """
 
     prompt_tokens: int = 0
@@ -28,6 +29,7 @@ class Stats:
     ttft_ms: float = 0.0
     images: int = 0
     images_encoded: int = 0
+    images_from_cache: int = 0
     image_encode_ms: float = 0.0
     load_ms: float = 0.0
     queue_ms: float = 0.0

@@ -57,13 +57,23 @@ class ContextOverflowError(UserError):
 
 @dataclass
 class PromptImage:
-    """An image slot of a tokenized prompt."""
+    """An image slot of a tokenized prompt: optional text tokens the vision engine wants
+    around the image (mtmd's ``<start_of_image>``…), then ``n_tokens`` embedding rows."""
 
     key: str
     n_tokens: int
     source: ImageInput
     embeddings: np.ndarray | None = None
     non_causal: bool = False
+    prefix: tuple[int, ...] = ()
+    suffix: tuple[int, ...] = ()
+
+    @property
+    def positions(self) -> int:
+        return len(self.prefix) + self.n_tokens + len(self.suffix)
+
+    def layout(self) -> tuple[tuple[int, ...], int, tuple[int, ...], bool]:
+        return (self.prefix, self.n_tokens, self.suffix, self.non_causal)
 
 
 PromptItem = list[int] | PromptImage
@@ -97,6 +107,7 @@ class PromptRun:
     cached: int = 0
     images: int = 0
     images_encoded: int = 0
+    images_from_cache: int = 0
     encode_ms: float = 0.0
     eval_ms: float = 0.0
 
@@ -112,9 +123,24 @@ def _projector_width(info: GGUFInfo) -> int | None:
     return None
 
 
+def _runs(items: Sequence[PromptItem]) -> list[PromptItem]:
+    """Items with each image's prefix/suffix tokens split out as token runs."""
+    out: list[PromptItem] = []
+    for it in items:
+        if isinstance(it, PromptImage):
+            if it.prefix:
+                out.append(list(it.prefix))
+            out.append(it)
+            if it.suffix:
+                out.append(list(it.suffix))
+        else:
+            out.append(it)
+    return out
+
+
 def _units(items: Sequence[PromptItem]) -> list[Unit]:
     out: list[Unit] = []
-    for it in items:
+    for it in _runs(items):
         if isinstance(it, PromptImage):
             out.extend((it.key, j) for j in range(it.n_tokens))
         else:
@@ -123,7 +149,7 @@ def _units(items: Sequence[PromptItem]) -> list[Unit]:
 
 
 def count_positions(items: Sequence[PromptItem]) -> int:
-    return sum(it.n_tokens if isinstance(it, PromptImage) else len(it) for it in items)
+    return sum(it.positions if isinstance(it, PromptImage) else len(it) for it in items)
 
 
 class LoadedModel:
@@ -159,7 +185,9 @@ class LoadedModel:
         self.lock = FairLock()
         self._units: list[Unit] = []
         self._closed = False
-        self._no_prefix_probe: list[int] | None = None
+        self._layouts: dict[str, tuple[tuple[int, ...], int, tuple[int, ...], bool]] = {}
+        """What the vision engine returned for images seen before (prefix/suffix tokens,
+        rows, non-causal), so that their prompt positions are known without encoding."""
         self._finalizer = weakref.finalize(self, _free, text, ctx, vision)
 
     # -- properties --
@@ -375,7 +403,12 @@ class LoadedModel:
             )
         if self._vision is None:
             raise UserError("this model cannot see images (it was loaded without a projector)")
-        return PromptImage(image_key(image), int(self._vision.tokens_for(image)), image)
+        key = image_key(image)
+        known = self._layouts.get(key)
+        if known is not None:
+            prefix, n, suffix, non_causal = known
+            return PromptImage(key, n, image, None, non_causal, prefix, suffix)
+        return PromptImage(key, int(self._vision.tokens_for(image)), image)
 
     def _check_embd(self, emb: np.ndarray) -> None:
         if emb.ndim != 2 or emb.shape[1] != self.n_embd:
@@ -403,20 +436,37 @@ class LoadedModel:
         elif held > len(self._units) and not self.ctx.truncate(len(self._units)):
             self._reset_kv()
 
-    def _encode(self, img: PromptImage, run: PromptRun) -> None:
-        if img.embeddings is not None:
+    def _encode(self, images: Sequence[PromptImage], run: PromptRun) -> None:
+        """Fill in the embeddings of ``images`` (one call to the vision engine)."""
+        todo = [img for img in images if img.embeddings is None]
+        if not todo:
             return
         if self._vision is None:
             raise UserError("this model cannot see images (it was loaded without a projector)")
         t0 = time.perf_counter()
-        result = self._vision.encode(img.source)
+        if hasattr(self._vision, "encode_many"):
+            results = list(self._vision.encode_many([img.source for img in todo]))
+        else:
+            results = [self._vision.encode(img.source) for img in todo]
         run.encode_ms += (time.perf_counter() - t0) * 1000
-        run.images_encoded += 1
-        emb = np.ascontiguousarray(result.embeddings, dtype=np.float32)
-        self._check_embd(emb)
-        img.embeddings = emb
-        img.non_causal = bool(getattr(result, "non_causal", False))
-        img.n_tokens = int(emb.shape[0])
+        run.images_encoded += len(todo)
+        for img, result in zip(todo, results, strict=True):
+            run.images_from_cache += bool(getattr(result, "cached", False))
+            if getattr(result, "decoder_pos", None) is not None or (
+                getattr(result, "n_pos", 0) not in (0, result.embeddings.shape[0])
+            ):
+                raise UserError(
+                    "this model places image tokens with M-RoPE positions, which the "
+                    "runtime does not support yet"
+                )
+            emb = np.ascontiguousarray(result.embeddings, dtype=np.float32)
+            self._check_embd(emb)
+            img.embeddings = emb
+            img.n_tokens = int(emb.shape[0])
+            img.non_causal = bool(getattr(result, "non_causal", False))
+            img.prefix = tuple(int(t) for t in getattr(result, "prefix_tokens", ()) or ())
+            img.suffix = tuple(int(t) for t in getattr(result, "suffix_tokens", ()) or ())
+            self._layouts[img.key] = img.layout()
 
     def run_prompt(
         self, items: Sequence[PromptItem], *, cancel: threading.Event | None = None
@@ -426,6 +476,8 @@ class LoadedModel:
         run = PromptRun(images=sum(isinstance(it, PromptImage) for it in items))
         self._sync()
         n_ctx = self.n_ctx
+        units: list[Unit] = []
+        common = 0
         for _attempt in range(3):
             units = _units(items)
             if len(units) > n_ctx:
@@ -442,16 +494,16 @@ class LoadedModel:
             if isinstance(u, tuple):  # never start inside an image
                 common -= u[1]
             # images that overlap the part to evaluate need their embeddings
-            changed = False
+            need: list[PromptImage] = []
             pos = 0
             for it in items:
-                n = it.n_tokens if isinstance(it, PromptImage) else len(it)
+                n = it.positions if isinstance(it, PromptImage) else len(it)
                 if isinstance(it, PromptImage) and pos + n > common:
-                    before = it.n_tokens
-                    self._encode(it, run)
-                    changed |= it.n_tokens != before
+                    need.append(it)
                 pos += n
-            if not changed:
+            before = [img.layout() for img in need]
+            self._encode(need, run)
+            if [img.layout()[:3] for img in need] == [b[:3] for b in before]:
                 break
         else:  # pragma: no cover - a vision engine whose token counts keep changing
             raise RuntimeError("the vision engine's token counts are inconsistent")
@@ -485,7 +537,7 @@ class LoadedModel:
         ctx = self.ctx
         n_batch = ctx.n_batch
         pos = 0
-        for it in items:
+        for it in _runs(items):
             n = it.n_tokens if isinstance(it, PromptImage) else len(it)
             lo = max(start - pos, 0)
             if lo >= n:
@@ -599,7 +651,7 @@ class LoadedModel:
         for it in items:
             if isinstance(it, PromptImage):
                 if it.embeddings is None:  # reused from the cache: encode for the caller
-                    self._encode(it, PromptRun())
+                    self._encode([it], PromptRun())
                 assert it.embeddings is not None
                 embeddings.append(it.embeddings)
                 segments.append(it.embeddings)

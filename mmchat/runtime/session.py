@@ -201,6 +201,7 @@ class ChatSession:
             stats.prompt_eval_ms = run.eval_ms
             stats.images = run.images
             stats.images_encoded = run.images_encoded
+            stats.images_from_cache = run.images_from_cache
             stats.image_encode_ms = run.encode_ms
             yield from self._generate(p, stats, t_start)
         finally:
@@ -232,7 +233,7 @@ class ChatSession:
         return items, dropped
 
     def _too_long(self, items: list[PromptItem], n: int, n_ctx: int) -> UserError:
-        img_tokens = [it.n_tokens for it in items if isinstance(it, PromptImage)]
+        img_tokens = [it.positions for it in items if isinstance(it, PromptImage)]
         if img_tokens and max(img_tokens) >= n_ctx - 1:
             return ContextOverflowError(
                 n,
