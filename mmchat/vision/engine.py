@@ -1,0 +1,356 @@
+"""Vision engines behind one interface, with caching, and ``open_vision`` which picks one.
+
+LLaVA projectors (``mlp``, ``mlp_norm``) run on libmmvision, mmchat's exact CLIP graph; every
+other projector type runs on llama.cpp's mtmd (Gemma 3, Qwen2.5-VL, SmolVLM, InternVL …).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmchat.errors import CorruptFileError, UserError
+from mmchat.gguf_meta import GGUFInfo, read_gguf
+from mmchat.settings import load_settings
+from mmchat.vision.cache import (
+    CachedEntry,
+    DiskCache,
+    EmbeddingCache,
+    file_digest,
+    shared_cache,
+)
+from mmchat.vision.image import PreparedImage, llava_pixels
+
+LLAVA_PROJECTORS = ("mlp", "mlp_norm")
+
+
+@dataclass
+class ImageEmbedding:
+    """What the runtime injects for one image (``llama_batch.embd``)."""
+
+    digest: str
+    embeddings: np.ndarray
+    """float32, C-contiguous, [n_tokens, n_embd]; read-only when it came from a cache."""
+    non_causal: bool = False
+    """Decode these tokens with causal attention off (e.g. Gemma 3)."""
+    encode_ms: float = 0.0
+    cached: bool = False
+    prefix_tokens: tuple[int, ...] = ()
+    """Text tokens the engine puts right before the embeddings (mtmd, e.g. <start_of_image>)."""
+    suffix_tokens: tuple[int, ...] = ()
+    """Text tokens right after the embeddings."""
+    n_pos: int = 0
+    """Positions the embeddings advance (0 = n_tokens; differs for M-RoPE models)."""
+    decoder_pos: np.ndarray | None = field(default=None, repr=False)
+    """M-RoPE only: [n_tokens, 4] (t, x, y, z) positions for pos_0 = 0; add pos_0 to t, x, y."""
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def n_embd(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    @property
+    def positions(self) -> int:
+        return self.n_pos or self.n_tokens
+
+
+class VisionEngine(ABC):
+    """Encodes ``PreparedImage``s into LLM-space embeddings, at most once per image."""
+
+    projector_type: str
+    n_embd: int
+    image_size: int
+    kind: str  # "mmvision" or "mtmd": part of every cache key
+
+    def __init__(
+        self,
+        mmproj: Path,
+        *,
+        cache: EmbeddingCache | None = None,
+        disk_cache: bool | Path = False,
+    ) -> None:
+        self.mmproj = mmproj
+        self.cache = cache if cache is not None else shared_cache()
+        self.encode_count = 0
+        """Images actually run through the encoder (cache hits do not count)."""
+        self._lock = threading.RLock()
+        st = mmproj.stat()
+        self._model_key = f"{self.kind}:{mmproj.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        self._disk: DiskCache | None = None
+        if disk_cache:
+            root = (
+                disk_cache if isinstance(disk_cache, Path) else load_settings().cache_dir / "vision"
+            )
+            self._disk = DiskCache(root)
+        self._disk_key: str | None = None
+
+    # -- to implement -------------------------------------------------------------------
+    @abstractmethod
+    def tokens_for(self, image: PreparedImage) -> int:
+        """How many embedding rows ``encode(image)`` returns."""
+
+    @abstractmethod
+    def _encode_batch(self, images: Sequence[PreparedImage]) -> list[ImageEmbedding]:
+        """Run the encoder on images not in any cache."""
+
+    def _close(self) -> None:  # noqa: B027  (optional hook)
+        pass
+
+    # -- public -------------------------------------------------------------------------
+    @property
+    def model_key(self) -> str:
+        return self._model_key
+
+    def _disk_model_key(self) -> str:
+        if self._disk_key is None:
+            self._disk_key = f"{self.kind}-{file_digest(self.mmproj)}"
+        return self._disk_key
+
+    def encode(self, image: PreparedImage) -> ImageEmbedding:
+        """The embeddings of ``image``; computed once per (model, image bytes)."""
+        return self.encode_many([image])[0]
+
+    def encode_many(self, images: Sequence[PreparedImage]) -> list[ImageEmbedding]:
+        """Like ``encode`` for several images; uncached ones are encoded in batches."""
+        results: list[ImageEmbedding | None] = [None] * len(images)
+        todo: dict[str, list[int]] = {}
+        with self._lock:
+            for i, img in enumerate(images):
+                t0 = time.perf_counter()
+                hit = self.cache.get(self._model_key, img.digest)
+                if hit is None and self._disk is not None:
+                    hit = self._disk.get(self._disk_model_key(), img.digest)
+                    if hit is not None:
+                        self.cache.put(self._model_key, img.digest, hit)
+                if hit is not None:
+                    results[i] = self._from_cache(img.digest, hit, time.perf_counter() - t0)
+                else:
+                    todo.setdefault(img.digest, []).append(i)
+            if todo:
+                firsts = [images[idx[0]] for idx in todo.values()]
+                fresh = self._encode_batch(firsts)
+                self.encode_count += len(firsts)
+                for emb, idx in zip(fresh, todo.values(), strict=True):
+                    entry = self._to_entry(emb)
+                    self.cache.put(self._model_key, emb.digest, entry)
+                    if self._disk is not None:
+                        self._disk.put(self._disk_model_key(), emb.digest, entry)
+                    results[idx[0]] = emb
+                    for j in idx[1:]:
+                        results[j] = self._from_cache(emb.digest, entry, 0.0)
+        out: list[ImageEmbedding] = []
+        for r in results:
+            assert r is not None
+            out.append(r)
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def __enter__(self) -> VisionEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers ------------------------------------------------------------------------
+    @staticmethod
+    def _to_entry(emb: ImageEmbedding) -> CachedEntry:
+        meta: dict[str, Any] = {
+            "non_causal": bool(emb.non_causal),
+            "prefix_tokens": np.asarray(emb.prefix_tokens, dtype=np.int32),
+            "suffix_tokens": np.asarray(emb.suffix_tokens, dtype=np.int32),
+            "n_pos": int(emb.n_pos),
+        }
+        if emb.decoder_pos is not None:
+            meta["decoder_pos"] = emb.decoder_pos
+        return CachedEntry(emb.embeddings, meta)
+
+    @staticmethod
+    def _from_cache(digest: str, entry: CachedEntry, seconds: float) -> ImageEmbedding:
+        m = entry.meta
+        return ImageEmbedding(
+            digest=digest,
+            embeddings=entry.embeddings,
+            non_causal=bool(m.get("non_causal", False)),
+            encode_ms=seconds * 1000.0,
+            cached=True,
+            prefix_tokens=tuple(int(x) for x in np.atleast_1d(m.get("prefix_tokens", []))),
+            suffix_tokens=tuple(int(x) for x in np.atleast_1d(m.get("suffix_tokens", []))),
+            n_pos=int(m.get("n_pos", 0)),
+            decoder_pos=m.get("decoder_pos"),
+        )
+
+
+class LlavaEngine(VisionEngine):
+    """LLaVA-family mmproj files on libmmvision (exact CLIP + mlp/mlp_norm projector)."""
+
+    kind = "mmvision"
+
+    def __init__(
+        self,
+        mmproj: Path,
+        *,
+        text_n_embd: int | None,
+        n_threads: int | None = None,
+        device: str | None = None,
+        max_batch: int = 4,
+        fast_activations: bool = False,
+        cache: EmbeddingCache | None = None,
+        disk_cache: bool | Path = False,
+    ) -> None:
+        from mmchat.native import NativeError, NativeVisionModel, load_library
+
+        if fast_activations:
+            self.kind = "mmvision-fast"
+        super().__init__(mmproj, cache=cache, disk_cache=disk_cache)
+        library = load_library()
+        try:
+            self.model = NativeVisionModel(
+                library,
+                mmproj,
+                device=device,
+                n_threads=n_threads,
+                expected_n_embd=text_n_embd,
+                max_batch=max_batch,
+                fast_activations=fast_activations,
+            )
+        except NativeError as exc:
+            raise CorruptFileError(f"Cannot load projector {mmproj}: {exc}") from None
+        info = self.model.info
+        self.info = info
+        self.projector_type = info.projector_type
+        self.n_embd = info.n_embd
+        self.image_size = info.image_size
+        self.device = info.device
+
+    def tokens_for(self, image: PreparedImage) -> int:
+        return self.info.n_tokens
+
+    def pixels(self, image: PreparedImage) -> np.ndarray:
+        """The preprocessed [3, S, S] tensor this engine feeds the encoder."""
+        return llava_pixels(image, self.info.image_size, self.info.image_mean, self.info.image_std)
+
+    def _encode_batch(self, images: Sequence[PreparedImage]) -> list[ImageEmbedding]:
+        from mmchat.native import NativeError
+
+        t0 = time.perf_counter()
+        px = np.stack([self.pixels(img) for img in images])
+        try:
+            out = self.model.encode(px)
+        except NativeError as exc:
+            raise UserError(f"Image encoding failed: {exc}") from None
+        ms = (time.perf_counter() - t0) * 1000.0 / len(images)
+        return [
+            ImageEmbedding(digest=img.digest, embeddings=np.ascontiguousarray(out[i]), encode_ms=ms)
+            for i, img in enumerate(images)
+        ]
+
+    def _close(self) -> None:
+        self.model.close()
+
+
+def read_mmproj_header(mmproj: Path) -> GGUFInfo:
+    """Read and sanity-check an mmproj header; ``UserError`` for anything that is not one."""
+    info = read_gguf(mmproj, role="projector (mmproj)")
+    if not info.is_mmproj:
+        arch = info.architecture or "unknown"
+        raise CorruptFileError(
+            f"{mmproj} is not a projector (mmproj) file: it is a '{arch}' model "
+            "(pass the vision projector GGUF, architecture 'clip')"
+        )
+    return info
+
+
+def projector_type_of(info: GGUFInfo) -> str:
+    proj = info.get("clip.projector_type")
+    if proj is None and info.get("clip.has_llava_projector"):
+        return "mlp"
+    if proj is None:
+        vision = info.get("clip.vision.projector_type")
+        if vision is not None:
+            return str(vision)
+        raise CorruptFileError(f"{info.path} has no clip.projector_type; is it an mmproj file?")
+    return str(proj)
+
+
+def _check_llava_width(info: GGUFInfo, text_n_embd: int | None) -> None:
+    if not text_n_embd:
+        return
+    proj = projector_type_of(info)
+    name = "mm.2.weight" if proj == "mlp" else "mm.3.weight"
+    t = info.tensor(name)
+    if t is not None and len(t.shape) >= 2 and int(t.shape[1]) != text_n_embd:
+        raise UserError(
+            f"{info.path.name} projects images to {int(t.shape[1])}-wide embeddings but the "
+            f"language model is {text_n_embd} wide: this mmproj belongs to another model"
+        )
+
+
+def open_vision(
+    mmproj: str | Path,
+    *,
+    text_n_embd: int,
+    n_threads: int | None = None,
+    device: str | None = None,
+    llama_model: int | None = None,
+    cache: EmbeddingCache | None = None,
+    disk_cache: bool | Path = False,
+    max_batch: int = 4,
+    engine: str | None = None,
+) -> VisionEngine:
+    """Open the vision half of a model.
+
+    Validates the header in Python first (``UserError`` for a missing, corrupt, truncated or
+    mismatched file), then routes: LLaVA projectors to libmmvision, the rest to mtmd (which
+    needs ``llama_model``, the ``llama_model*`` of the loaded text model). ``engine`` forces
+    "mmvision" or "mtmd" (for comparisons; mtmd also runs LLaVA files, with its known bugs).
+    ``device`` is a ggml device name or "cpu" (default: the best one).
+    """
+    path = Path(mmproj).expanduser()
+    info = read_mmproj_header(path)
+    proj = projector_type_of(info)
+    chosen = engine or ("mmvision" if proj in LLAVA_PROJECTORS else "mtmd")
+    if chosen == "mmvision":
+        if proj not in LLAVA_PROJECTORS:
+            raise UserError(f"projector type '{proj}' is not a LLaVA projector (mlp, mlp_norm)")
+        _check_llava_width(info, text_n_embd)
+        return LlavaEngine(
+            path,
+            text_n_embd=text_n_embd,
+            n_threads=n_threads,
+            device=device,
+            max_batch=max_batch,
+            cache=cache,
+            disk_cache=disk_cache,
+        )
+    if chosen == "mtmd":
+        from mmchat.vision.mtmd import MtmdEngine
+
+        if llama_model is None:
+            raise UserError(
+                f"projector type '{proj}' runs on llama.cpp's mtmd, which needs the loaded "
+                "text model (llama_model)"
+            )
+        return MtmdEngine(
+            path,
+            llama_model=llama_model,
+            text_n_embd=text_n_embd,
+            projector_type=proj,
+            n_threads=n_threads,
+            use_gpu=(device or "").lower() != "cpu",
+            cache=cache,
+            disk_cache=disk_cache,
+        )
+    raise ValueError(f"engine {engine!r}: use 'mmvision' or 'mtmd'")
