@@ -203,6 +203,18 @@ class TextModel:
             "utf-8", errors="replace"
         )
 
+    def special_tokens(self) -> dict[str, int]:
+        """Text → id of every token llama.cpp's ``parse_special`` recognises in text."""
+        mask = C.LLAMA_TOKEN_ATTR_CONTROL | C.LLAMA_TOKEN_ATTR_USER_DEFINED
+        mask |= C.LLAMA_TOKEN_ATTR_UNKNOWN
+        out: dict[str, int] = {}
+        for i in range(self.n_vocab):
+            if int(C.llama_vocab_get_attr(self.vocab, i)) & mask:
+                text = self.token_text(i)
+                if text and text not in out:
+                    out[text] = i
+        return out
+
     def is_eog(self, token: int) -> bool:
         return bool(C.llama_vocab_is_eog(self.vocab, token))
 

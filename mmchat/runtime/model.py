@@ -12,6 +12,7 @@ One request at a time: ``LoadedModel.lock`` is a FIFO lock; ``ChatSession.send``
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import weakref
@@ -166,7 +167,7 @@ class LoadedModel:
         ctx: _llama.Context,
         vision: Any,
         template: ChatTemplate,
-        space_after_image: bool,
+        legacy_spaces: bool,
         load_ms: float,
     ) -> None:
         self.path = path
@@ -177,10 +178,15 @@ class LoadedModel:
         self._ctx: _llama.Context | None = ctx
         self._vision = vision
         self.template = template
-        self.space_after_image = space_after_image
-        """Tokenize the text after an image as its own fragment (SentencePiece dummy-prefix
-        ``▁`` in front, as llama.cpp's mtmd and original LLaVA do) instead of as the
-        continuation of the prompt (transformers' fast tokenizers)."""
+        self.legacy_spaces = legacy_spaces
+        """How text that follows a special token (``</s>``, ``<image>``) or an image is
+        tokenized. True: as a fragment of its own, with SentencePiece's dummy-prefix "▁"
+        (transformers' ``legacy=True`` tokenizers, original LLaVA's ``tokenizer_image_token``,
+        llama.cpp's own tokenizer and mtmd). False: as the continuation of the prompt, no
+        "▁" (transformers' ``legacy=False`` tokenizers, e.g. the llava-hf checkpoints); only
+        the very start of the prompt gets the dummy prefix. See ``_legacy_spaces``."""
+        self._special: re.Pattern[str] | None = None
+        self._special_ids: dict[str, int] = {}
         self.load_ms = load_ms
         self.lock = FairLock()
         self._units: list[Unit] = []
@@ -289,45 +295,70 @@ class LoadedModel:
     def detokenize(self, ids: Sequence[int], *, special: bool = False) -> str:
         return self.text.detokenize(list(ids), special=special)
 
-    def _tokenize_after_image(self, text: str) -> list[int]:
+    def _special_split(self, text: str) -> list[tuple[str, int | None]]:
+        """``text`` cut into (fragment, None) and (special token text, id) pieces, as
+        llama.cpp's ``parse_special`` would cut it (control, user-defined, unknown tokens)."""
+        if self._special is None:
+            self._special_ids = self.text.special_tokens()
+            names = sorted(self._special_ids, key=len, reverse=True)
+            self._special = re.compile("|".join(re.escape(n) for n in names) or r"(?!x)x")
+        out: list[tuple[str, int | None]] = []
+        pos = 0
+        for m in self._special.finditer(text):
+            if m.start() > pos:
+                out.append((text[pos : m.start()], None))
+            out.append((m.group(0), self._special_ids[m.group(0)]))
+            pos = m.end()
+        if pos < len(text):
+            out.append((text[pos:], None))
+        return out
+
+    def _tokenize_continuation(self, text: str) -> list[int]:
         """Tokens of ``text`` as the continuation of a prompt: no SentencePiece dummy prefix.
 
-        llama.cpp prepends "▁" to every separately tokenized fragment of an SPM vocabulary.
-        To get the continuation form, tokenize a probe character plus the text and strip the
-        probe's tokens; the result is checked by detokenizing it.
+        llama.cpp prepends "▁" to every separately tokenized fragment of an SPM vocabulary
+        that asks for it. To get the continuation form, tokenize a probe character plus the
+        text and strip the probe's tokens; the result is checked by detokenizing it.
         """
-        plain = self.text.tokenize(text, add_special=False)
-        if not text:
-            return plain
+        plain = self.text.tokenize(text, add_special=False, parse_special=False)
+        if not text or self.text.detokenize(plain) == text:
+            return plain  # no dummy prefix in this vocabulary
         for probe in ("\n", "\x01", "#"):
-            head = self.text.tokenize(probe, add_special=False)
-            ids = self.text.tokenize(probe + text, add_special=False)
+            head = self.text.tokenize(probe, add_special=False, parse_special=False)
+            ids = self.text.tokenize(probe + text, add_special=False, parse_special=False)
             if ids[: len(head)] != head:
                 continue
             rest = ids[len(head) :]
-            if self.text.detokenize(rest, special=True) == text:
+            if self.text.detokenize(rest) == text:
                 return rest
         return plain
 
+    def _tokenize_piece(self, piece: str, *, at_start: bool) -> list[int]:
+        bos_text = self.template.bos_token
+        add_bos = at_start and self.text.add_bos and not (bos_text and piece.startswith(bos_text))
+        if self.legacy_spaces:
+            return self.text.tokenize(piece, add_special=add_bos)
+        out = [self.text.bos] if add_bos else []
+        offset = 0
+        for frag, special_id in self._special_split(piece):
+            if special_id is not None:
+                out.append(special_id)
+            elif at_start and offset == 0:
+                out.extend(self.text.tokenize(frag, add_special=False, parse_special=False))
+            else:
+                out.extend(self._tokenize_continuation(frag))
+            offset += len(frag)
+        return out
+
     def _tokenize_pieces(self, pieces: Sequence[str | ImageSlot]) -> list[list[int] | ImageSlot]:
         out: list[list[int] | ImageSlot] = []
-        first = True
-        bos_text = self.template.bos_token
         for i, piece in enumerate(pieces):
             if isinstance(piece, ImageSlot):
                 out.append(piece)
-                continue
-            if first:
-                add_bos = self.text.add_bos and not (bos_text and piece.startswith(bos_text))
-                ids = self.text.tokenize(piece, add_special=add_bos)
-            elif i > 0 and isinstance(pieces[i - 1], ImageSlot) and not self.space_after_image:
-                ids = self._tokenize_after_image(piece)
             else:
-                ids = self.text.tokenize(piece, add_special=False)
-            first = False
-            out.append(ids)
-        if first and self.text.add_bos:  # a prompt that starts with an image
-            out.insert(0, [self.text.bos])
+                out.append(self._tokenize_piece(piece, at_start=(i == 0)))
+        if pieces and isinstance(pieces[0], ImageSlot) and self.text.add_bos:
+            out.insert(0, [self.text.bos])  # a prompt that starts with an image
         return out
 
     def _template_messages(
@@ -660,23 +691,24 @@ class LoadedModel:
         return Evaluation(image_embeddings=embeddings, logits=self.logits(), segments=segments)
 
 
-META_SPACE_AFTER_IMAGE = "mmchat.tokenizer.space_after_image"
+META_LEGACY_SPACES = "mmchat.tokenizer.legacy_spaces"
 
 
-def _space_after_image(info: GGUFInfo, text: _llama.TextModel, image_token: str) -> bool:
-    """How the text after an image is tokenized, when the caller does not say.
+def _legacy_spaces(info: GGUFInfo, text: _llama.TextModel, image_token: str) -> bool:
+    """Whether text after a special token or an image gets SentencePiece's "▁" (see
+    ``LoadedModel.legacy_spaces``), when the caller does not say:
 
-    1. The GGUF key ``mmchat.tokenizer.space_after_image`` (bool), when a converter wrote it.
-    2. A vocabulary with the image token (``<image>``) as one token was packaged for
+    1. the GGUF key ``mmchat.tokenizer.legacy_spaces`` (bool), when a converter wrote it
+       (transformers' ``legacy`` flag of the checkpoint's tokenizer);
+    2. a vocabulary holding the image token (``<image>``) as one token was packaged for
        transformers' processor, which tokenizes the whole prompt at once with ``<image>`` as
-       an added special token: the text after it gets no "▁" (llava-hf checkpoints, whose
-       tokenizers are non-legacy). → False.
-    3. Otherwise (original LLaVA / BakLLaVA, published GGUFs): LLaVA's
+       an added special token; the llava-hf tokenizers are ``legacy=False``: no "▁" → False;
+    3. otherwise (original LLaVA / BakLLaVA and the GGUFs published from them): LLaVA's
        ``tokenizer_image_token`` tokenized each chunk around the image on its own, so the
-       text after the image starts with SentencePiece's "▁" — what the model was trained
-       with, and what llama.cpp's mtmd does. → True.
+       text after the image starts with "▁" — what the model was trained with, and what
+       llama.cpp's mtmd does → True.
     """
-    value = info.get(META_SPACE_AFTER_IMAGE)
+    value = info.get(META_LEGACY_SPACES)
     if isinstance(value, bool):
         return value
     if image_token:
@@ -701,13 +733,13 @@ def load_model(
     options: LoadOptions | None = None,
     *,
     template: str | None = None,
-    space_after_image: bool | None = None,
+    legacy_spaces: bool | None = None,
 ) -> LoadedModel:
     """Load a text GGUF (and its projector) for chatting.
 
     ``template``: Jinja source or a known format name overriding the GGUF's chat template
-    (a store manifest's ``template``). ``space_after_image``: see
-    ``LoadedModel.space_after_image``; None takes the chat format's setting.
+    (a store manifest's ``template``). ``legacy_spaces``: see ``LoadedModel.legacy_spaces``;
+    None decides from the file.
 
     Files are validated in Python first: a corrupt or truncated file, a projector given as
     the model (or the reverse) and a projector whose output width differs from the text
@@ -781,8 +813,8 @@ def load_model(
             bos_token=bos,
             eos_token=eos,
         )
-        if space_after_image is None:
-            space_after_image = _space_after_image(info, text, tmpl.image_token)
+        if legacy_spaces is None:
+            legacy_spaces = _legacy_spaces(info, text, tmpl.image_token)
     except BaseException:
         if vision is not None:
             vision.close()
@@ -800,7 +832,7 @@ def load_model(
         ctx=ctx,
         vision=vision,
         template=tmpl,
-        space_after_image=bool(space_after_image),
+        legacy_spaces=bool(legacy_spaces),
         load_ms=load_ms,
     )
 
