@@ -217,20 +217,50 @@ class ChatTemplate:
     def render(
         self, messages: Sequence[TemplateMessage], *, add_generation_prompt: bool = True
     ) -> list[Piece]:
-        """Render and split into text pieces and image slots (in image order)."""
+        """Render and split into text pieces and image slots (in image order).
+
+        A template that takes typed content parts may still expect a plain string for some
+        messages (often the system prompt): the ways of passing content are tried in turn
+        (all parts; system as a string; text-only messages as strings), and the first
+        rendering that keeps every message's text and every image wins.
+        """
         n_images = sum(m.n_images for m in messages)
-        if self.parts_style:
-            payload = [self._parts_message(m) for m in messages]
-        else:
-            payload = []
-            k = 0
-            for m in messages:
-                markers = "".join(_MARKER.format(k + i) for i in range(m.n_images))
-                k += m.n_images
-                text = m.content
-                payload.append(
-                    {"role": m.role, "content": (markers + "\n" + text) if markers else text}
-                )
+        if not self.parts_style:
+            return self._render_checked(self._marker_payload(messages), messages, n_images)
+        first_error: TemplateError | None = None
+        for as_string in (
+            lambda m: False,
+            lambda m: m.role == "system",
+            lambda m: m.n_images == 0,
+        ):
+            payload = [
+                {"role": m.role, "content": m.content} if as_string(m) else self._parts_message(m)
+                for m in messages
+            ]
+            try:
+                return self._render_checked(payload, messages, n_images, add_generation_prompt)
+            except TemplateError as exc:
+                first_error = first_error or exc
+        assert first_error is not None
+        raise first_error
+
+    def _marker_payload(self, messages: Sequence[TemplateMessage]) -> list[dict[str, Any]]:
+        payload = []
+        k = 0
+        for m in messages:
+            markers = "".join(_MARKER.format(k + i) for i in range(m.n_images))
+            k += m.n_images
+            content = (markers + "\n" + m.content) if markers else m.content
+            payload.append({"role": m.role, "content": content})
+        return payload
+
+    def _render_checked(
+        self,
+        payload: list[dict[str, Any]],
+        messages: Sequence[TemplateMessage],
+        n_images: int,
+        add_generation_prompt: bool = True,
+    ) -> list[Piece]:
         try:
             text = self._compiled.render(
                 messages=payload,
@@ -250,6 +280,13 @@ class ChatTemplate:
             raise TemplateError(
                 f"chat template {self.name!r} placed {found} image(s) for {n_images} attached"
             )
+        if self.parts_style:
+            joined = "".join(p for p in pieces if isinstance(p, str))
+            for m in messages:
+                if m.content.strip() and m.content.strip() not in joined:
+                    raise TemplateError(
+                        f"chat template {self.name!r} left out the text of a {m.role} message"
+                    )
         return pieces
 
     def _parts_message(self, m: TemplateMessage) -> dict[str, Any]:
