@@ -1,0 +1,194 @@
+"""One generation request: prepared and run in a worker thread, consumed asynchronously.
+
+The worker thread does everything that blocks — resolving the model in the store,
+decoding images, loading the model, waiting for its turn (the model's FIFO lock),
+evaluating the prompt, sampling — and hands ``Token``/``Done`` events (or the exception
+that stopped it) to the event loop through an ``asyncio.Queue``. The handler waits for the
+first item before it answers, so an error that happens before any text (unknown model,
+bad image, context overflow, load failure) is a proper HTTP status with a JSON body; later
+errors go into the stream.
+
+Stopping: when the client goes away, :meth:`Generation.cancel` asks the session to stop at
+the next token and the worker closes the reply generator; the runtime keeps the model
+consistent and releases its lock, so the next request works. Each request builds its
+session from the messages it brings (stateless, like Ollama's API); the model's KV-cache
+prefix reuse makes a repeated conversation prefix, images included, cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+
+from mmchat.server.models import UNSET, KeepAlive, Lease, ModelManager
+
+log = logging.getLogger("mmchat.server")
+
+
+@dataclass
+class Prepared:
+    """What a request asks for, validated and decoded (images are ``PreparedImage``s)."""
+
+    record: Any
+    messages: list[Any]  # mmchat.runtime.Message, the last one the user's
+    system: str | None
+    params: Any  # mmchat.runtime.SamplingParams
+    num_ctx: int | None = None
+    keep_alive_s: KeepAlive = UNSET
+    load_only: bool = False
+
+
+@dataclass
+class Loaded:
+    """The request only loaded (or unloaded) the model."""
+
+    load_ms: float
+    unloaded: bool
+
+
+@dataclass
+class _End:
+    pass
+
+
+Item = Any  # Token | ContextTrimmed | Done | Loaded | BaseException | _End
+
+
+@dataclass
+class Generation:
+    manager: ModelManager
+    prepare: Callable[[], Prepared]
+    t_start: float = field(default_factory=time.perf_counter)
+    prepared: Prepared | None = None
+    load_ms: float = 0.0
+    _queue: asyncio.Queue[Item] | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _session: Any = None
+    _finished: bool = False
+
+    # ------------------------------------------------------------------ worker side
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+        threading.Thread(target=self._run, name="mmchat-request", daemon=True).start()
+
+    def _put(self, item: Item) -> None:
+        assert self._loop is not None and self._queue is not None
+        with contextlib.suppress(RuntimeError):  # the loop is gone (server shutting down)
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def _run(self) -> None:
+        lease: Lease | None = None
+        prepared: Prepared | None = None
+        try:
+            prepared = self.prepare()
+            self.prepared = prepared
+            if self._stop.is_set():
+                return
+            lease = self.manager.acquire(
+                prepared.record, num_ctx=prepared.num_ctx, keep_alive_s=prepared.keep_alive_s
+            )
+            self.load_ms = lease.load_ms
+            if prepared.load_only:
+                entry = lease.entry
+                self.manager.release(lease, prepared.keep_alive_s)
+                lease = None
+                self._put(Loaded(self.load_ms, unloaded=not self.manager.is_loaded(entry.name)))
+                return
+            session = lease.model.session(system=prepared.system, params=prepared.params)
+            session.messages = list(prepared.messages)
+            self._session = session
+            if self._stop.is_set():
+                return
+            reply = session.reply(params=prepared.params)
+            try:
+                for event in reply:
+                    self._put(event)
+                    if self._stop.is_set():
+                        break
+            finally:
+                reply.close()
+        except KeyboardInterrupt:  # the session noticed cancel(): the client is gone
+            pass
+        except BaseException as exc:
+            if not self._stop.is_set():
+                if not isinstance(exc, Exception) or _is_internal(exc):
+                    log.exception("request failed")
+                self._put(exc)
+        finally:
+            if lease is not None:
+                keep = prepared.keep_alive_s if prepared is not None else UNSET
+                try:
+                    self.manager.release(lease, keep)
+                except Exception:  # pragma: no cover
+                    log.exception("releasing the model failed")
+            self._put(_End())
+
+    # ------------------------------------------------------------------ loop side
+    def cancel(self) -> None:
+        """Stop generating (safe to call from the event loop at any time)."""
+        self._stop.set()
+        session = self._session
+        if session is not None:
+            session.cancel()
+
+    async def next(self, request: Request | None = None) -> Item:
+        """The next item; with ``request``, cancel and return ``_End`` if the client leaves."""
+        assert self._queue is not None
+        if self._finished:
+            return _End()
+        if request is None:
+            item = await self._queue.get()
+        else:
+            getter = asyncio.ensure_future(self._queue.get())
+            watcher = asyncio.ensure_future(_wait_disconnect(request))
+            try:
+                done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                watcher.cancel()
+                if not getter.done():
+                    getter.cancel()
+            if getter in done and not getter.cancelled():
+                item = getter.result()
+            else:
+                self.cancel()
+                self._finished = True
+                return _End()
+        if isinstance(item, _End):
+            self._finished = True
+        return item
+
+    def cancel_unless_finished(self) -> None:
+        """For a consumer's ``finally``: stop the work unless it already ended."""
+        if not self._finished:
+            self.cancel()
+
+    def elapsed_ns(self) -> int:
+        return int((time.perf_counter() - self.t_start) * 1e9)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _is_internal(exc: BaseException) -> bool:
+    from mmchat.errors import UserError
+    from mmchat.server.errors import ApiError
+
+    return not isinstance(exc, UserError | ApiError)
+
+
+def is_end(item: Item) -> bool:
+    return isinstance(item, _End)

@@ -1,0 +1,288 @@
+"""OpenAI-compatible endpoints (``/v1/*``): chat completions (``image_url`` parts with data
+URIs; server-sent events when streaming) and the model list. Errors:
+``{"error": {"message", "type", "param", "code"}}``."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from mmchat.server import schemas as S
+from mmchat.server.chat import Generation, Loaded, Prepared, is_end
+from mmchat.server.errors import ApiError, as_api_error, error_body
+from mmchat.server.images import RawImage, decode_image_url, prepare
+from mmchat.server.models import parse_keep_alive
+from mmchat.server.params import base_params, schema_grammar
+from mmchat.server.state import ServerState, state_of
+
+router = APIRouter(tags=["openai"])
+SSE = "text/event-stream"
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": S.OpenAIError, "description": "bad request"},
+    404: {"model": S.OpenAIError, "description": "unknown model"},
+    413: {"model": S.OpenAIError, "description": "request or image too large"},
+}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _error(path: str, exc: BaseException) -> JSONResponse:
+    err = as_api_error(exc)
+    return JSONResponse(error_body(path, err.status, err.message, err.code), status_code=err.status)
+
+
+def _parts(msg: S.OpenAIMessage, i: int) -> tuple[str, list[RawImage]]:
+    content = msg.content
+    if content is None:
+        return "", []
+    if isinstance(content, str):
+        return content, []
+    texts: list[str] = []
+    images: list[RawImage] = []
+    for j, part in enumerate(content, 1):
+        if part.type == "text":
+            texts.append(part.text or "")
+        elif part.type == "image_url":
+            url = part.image_url.url if isinstance(part.image_url, S.ImageURL) else part.image_url
+            where = f"image_url of part {j} of message {i}"
+            if not url:
+                raise ApiError(400, f"{where} is missing")
+            label = f"image {len(images) + 1} of message {i}"
+            images.append(RawImage(decode_image_url(url, where), label))
+        else:
+            raise ApiError(
+                400,
+                f"part {j} of message {i} has type {part.type!r}; "
+                "mmchat supports 'text' and 'image_url'",
+            )
+    return "\n".join(t for t in texts if t), images
+
+
+def _sampling(req: S.ChatCompletionRequest, record: Any) -> Any:
+    params = base_params(record)
+    changes: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty"):
+        value = getattr(req, name)
+        if value is not None:
+            changes[name] = value
+    limit = req.max_completion_tokens or req.max_tokens
+    if limit is not None:
+        changes["max_tokens"] = limit
+    if req.seed is not None:
+        changes["seed"] = req.seed if req.seed >= 0 else None
+    if req.stop is not None:
+        changes["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    fmt = req.response_format
+    if fmt is not None:
+        if fmt.type == "json_object":
+            changes.update(format="json", grammar=None)
+        elif fmt.type == "json_schema":
+            spec = fmt.json_schema or {}
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise ApiError(
+                    400, "response_format.json_schema.schema must be a JSON schema object"
+                )
+            changes.update(format=None, grammar=schema_grammar(schema, field="response_format"))
+        elif fmt.type != "text":
+            raise ApiError(
+                400,
+                f"response_format.type {fmt.type!r} is not one of text, json_object, json_schema",
+            )
+    from mmchat.errors import UserError
+
+    try:
+        return params.updated(**changes)
+    except UserError as exc:
+        raise ApiError(400, str(exc)) from exc
+
+
+def _prepare(req: S.ChatCompletionRequest, state: ServerState) -> Callable[[], Prepared]:
+    def run() -> Prepared:
+        from mmchat.runtime import Message
+
+        record = state.manager.resolve(req.model)
+        keep = parse_keep_alive(req.keep_alive, state.manager.default_keep_alive)
+        params = _sampling(req, record)
+        system_parts: list[str] = []
+        turns: list[tuple[str, str, list[RawImage]]] = []
+        n_images = 0
+        for i, msg in enumerate(req.messages, 1):
+            role = ROLES.get(msg.role)
+            if role is None:
+                raise ApiError(
+                    400,
+                    f"message {i} has role {msg.role!r}; mmchat supports system, developer, "
+                    "user and assistant",
+                )
+            text, images = _parts(msg, i)
+            n_images += len(images)
+            if role == "system":
+                if images:
+                    raise ApiError(400, f"message {i} is a system message with images")
+                system_parts.append(text)
+            else:
+                turns.append((role, text, images))
+        state.limits.check_image_count(n_images)
+        if n_images and "vision" not in record.capabilities:
+            raise ApiError(
+                400,
+                f"model {record.name!r} cannot see images (it has no vision projector); "
+                "send text only or use a vision model",
+                code="model_has_no_vision",
+            )
+        if not turns or turns[-1][0] != "user":
+            raise ApiError(400, "the last message must be the user's")
+        messages = [
+            Message(role, text, prepare(images, state.max_image_pixels) if images else [])
+            for role, text, images in turns
+        ]
+        system = "\n\n".join(p for p in system_parts if p) or None
+        return Prepared(record, messages, system, params, None, keep)
+
+    return run
+
+
+def _finish_reason(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=S.ChatCompletion,
+    responses={200: {"content": {SSE: {}}}, **ERRORS},
+    summary="Chat completion (image_url parts as data URIs); server-sent events when streaming",
+)
+async def chat_completions(req: S.ChatCompletionRequest, request: Request) -> Response:
+    from mmchat.runtime import Done, Token
+
+    state = state_of(request)
+    path = request.url.path
+    gen = Generation(state.manager, _prepare(req, state))
+    gen.start()
+    first = await gen.next(request)
+    if is_end(first):
+        return Response(status_code=499)
+    if isinstance(first, BaseException):
+        return _error(path, first)
+    assert not isinstance(first, Loaded)
+    ident = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    prepared = gen.prepared
+    fingerprint = f"fp_mmchat_{prepared.record.id}" if prepared is not None else "fp_mmchat"
+
+    def usage(done: Any) -> dict[str, int]:
+        p = int(done.stats.prompt_tokens)
+        c = int(done.stats.generated_tokens)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    if not req.stream:
+        item = first
+        while not is_end(item):
+            if isinstance(item, BaseException):
+                return _error(path, item)
+            if isinstance(item, Done):
+                return JSONResponse(
+                    {
+                        "id": ident,
+                        "object": "chat.completion",
+                        "created": created,
+                        "model": req.model,
+                        "system_fingerprint": fingerprint,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": item.text},
+                                "finish_reason": _finish_reason(item.done_reason),
+                            }
+                        ],
+                        "usage": usage(item),
+                    }
+                )
+            item = await gen.next(request)
+        return Response(status_code=499)
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def chunk(delta: dict[str, Any], finish: str | None, **extra: Any) -> bytes:
+        body = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": req.model,
+            "system_fingerprint": fingerprint,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **extra,
+        }
+        return _event(body)
+
+    async def events() -> AsyncIterator[bytes]:
+        item = first
+        try:
+            yield chunk({"role": "assistant", "content": ""}, None)
+            while not is_end(item):
+                if isinstance(item, BaseException):
+                    err = as_api_error(item)
+                    yield _event(error_body(path, err.status, err.message, err.code))
+                    return
+                if isinstance(item, Token) and item.text:
+                    yield chunk({"content": item.text}, None)
+                elif isinstance(item, Done):
+                    yield chunk({}, _finish_reason(item.done_reason))
+                    if include_usage:
+                        yield _event(
+                            {
+                                "id": ident,
+                                "object": "chat.completion.chunk",
+                                "created": created,
+                                "model": req.model,
+                                "system_fingerprint": fingerprint,
+                                "choices": [],
+                                "usage": usage(item),
+                            }
+                        )
+                    yield b"data: [DONE]\n\n"
+                item = await gen.next()
+        finally:
+            gen.cancel_unless_finished()
+
+    return StreamingResponse(
+        events(),
+        media_type=SSE,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _event(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+def _model(record: Any) -> dict[str, Any]:
+    return {
+        "id": record.name,
+        "object": "model",
+        "created": int(record.modified or time.time()),
+        "owned_by": "mmchat",
+    }
+
+
+@router.get("/v1/models", response_model=S.ModelList, summary="List the models in the store")
+def models(request: Request) -> dict[str, Any]:
+    store = state_of(request).manager.store
+    return {"object": "list", "data": [_model(r) for r in store.list_models()]}
+
+
+@router.get(
+    "/v1/models/{model:path}",
+    response_model=S.OpenAIModel,
+    responses={404: ERRORS[404], 400: ERRORS[400]},
+    summary="One model",
+)
+def model(model: str, request: Request) -> dict[str, Any]:
+    return _model(state_of(request).manager.resolve(model))
