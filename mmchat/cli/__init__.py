@@ -12,6 +12,7 @@ import sys
 from mmchat.cli import convert as _convert  # noqa: F401  (registers `convert`)
 from mmchat.cli import doctor as _doctor  # noqa: F401  (registers `doctor`)
 from mmchat.cli import store as _store  # noqa: F401  (registers pull/list/show/rm/cp/create)
+from mmchat.cli import store as _store  # noqa: F401  (registers pull/list/show/rm/cp/create)
 from mmchat.cli.app import app, state
 from mmchat.errors import UserError
 
