@@ -190,6 +190,8 @@ class LoadedModel:
         self.load_ms = load_ms
         self.lock = FairLock()
         self._units: list[Unit] = []
+        self.last_run: PromptRun | None = None
+        """Counters of the latest prompt evaluation (tokens evaluated/reused, images encoded)."""
         self._closed = False
         self._layouts: dict[str, tuple[tuple[int, ...], int, tuple[int, ...], bool]] = {}
         """What the vision engine returned for images seen before (prefix/suffix tokens,
@@ -349,6 +351,12 @@ class LoadedModel:
                 out.extend(self._tokenize_continuation(frag))
             offset += len(frag)
         return out
+
+    def tokenize_prompt(self, text: str) -> list[int]:
+        """Tokenize a whole prompt string as the checkpoint's own tokenizer would: BOS when
+        the model wants one (unless the text starts with it), special tokens parsed, and the
+        model's rule for the text after special tokens (``legacy_spaces``)."""
+        return self._tokenize_piece(text, at_start=True)
 
     def _tokenize_pieces(self, pieces: Sequence[str | ImageSlot]) -> list[list[int] | ImageSlot]:
         out: list[list[int] | ImageSlot] = []
@@ -556,6 +564,7 @@ class LoadedModel:
             self._sync()
             raise
         run.eval_ms = (time.perf_counter() - t0) * 1000
+        self.last_run = run
         return run
 
     def _decode_items(

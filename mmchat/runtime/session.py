@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -149,7 +149,7 @@ class ChatSession:
         images: Sequence[ImageInput] = (),
         *,
         params: SamplingParams | None = None,
-    ) -> Iterator[Event]:
+    ) -> Generator[Event, None, None]:
         """Add a user message and stream the reply: ``Token``s, maybe a ``ContextTrimmed``
         first, and a final ``Done`` with the statistics."""
         p = params or self.params
@@ -164,7 +164,7 @@ class ChatSession:
             raise UserError("this model cannot see images")
         return self._send(Message("user", text, imgs), p)
 
-    def reply(self, *, params: SamplingParams | None = None) -> Iterator[Event]:
+    def reply(self, *, params: SamplingParams | None = None) -> Generator[Event, None, None]:
         """Generate an assistant reply to the history as it is (its last message must be the
         user's), e.g. for an API request that brings its own messages."""
         if not self.messages or self.messages[-1].role != "user":
@@ -173,7 +173,7 @@ class ChatSession:
         p.validate()
         return self._send(None, p)
 
-    def _send(self, user: Message | None, p: SamplingParams) -> Iterator[Event]:
+    def _send(self, user: Message | None, p: SamplingParams) -> Generator[Event, None, None]:
         model = self.model
         t_call = time.perf_counter()
         model.lock.acquire()
@@ -248,7 +248,9 @@ class ChatSession:
             f"only {n_ctx} (shorten it or start with a larger context, e.g. --ctx)",
         )
 
-    def _generate(self, p: SamplingParams, stats: Stats, t_start: float) -> Iterator[Event]:
+    def _generate(
+        self, p: SamplingParams, stats: Stats, t_start: float
+    ) -> Generator[Event, None, None]:
         model = self.model
         grammar = p.grammar
         if grammar is None and p.format == "json":
