@@ -11,6 +11,7 @@ import sys
 # Command modules register themselves on import; keep this list sorted.
 from mmchat.cli import convert as _convert  # noqa: F401  (registers `convert`)
 from mmchat.cli import doctor as _doctor  # noqa: F401  (registers `doctor`)
+from mmchat.cli import run as _run  # noqa: F401  (registers `run`)
 from mmchat.cli import serve as _serve  # noqa: F401  (registers `serve`)
 from mmchat.cli import store as _store  # noqa: F401  (registers pull/list/show/rm/cp/create)
 from mmchat.cli.app import app, state

@@ -1,0 +1,153 @@
+"""`mmchat run`: chat with a model interactively, or answer one prompt and exit."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from mmchat.cli.app import app
+
+
+@app.command(
+    context_settings={"allow_interspersed_args": True},
+    epilog=(
+        "Inside the chat, name image files anywhere in a message "
+        "(What is this? ./photo.jpg) and type /? for commands."
+    ),
+)
+def run(
+    model: str = typer.Argument(
+        ..., metavar="MODEL", help="Store name (pulled when missing) or path to a text .gguf."
+    ),
+    prompt: list[str] | None = typer.Argument(
+        None,
+        metavar="[PROMPT]...",
+        help="Answer this prompt and exit (image paths in it are attached).",
+        show_default=False,
+    ),
+    mmproj: Path | None = typer.Option(
+        None, "--mmproj", help="Projector (mmproj) .gguf for a model given as a path."
+    ),
+    image: list[str] | None = typer.Option(
+        None, "--image", "-i", help="Attach an image (repeatable).", show_default=False
+    ),
+    system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
+    ctx: int | None = typer.Option(
+        None, "--ctx", help="Context size in tokens (default: min(4096, trained context))."
+    ),
+    gpu_layers: int | None = typer.Option(
+        None,
+        "--gpu-layers",
+        help="Layers to offload to the GPU (default: all when one is present).",
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", help="CPU threads (default: llama.cpp's)."
+    ),
+    temperature: float | None = typer.Option(
+        None, "--temperature", help="Sampling temperature; 0 is greedy (default 0.8)."
+    ),
+    top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling (default 0.9)."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Top-k sampling, 0 = off (default 40)."),
+    repeat_penalty: float | None = typer.Option(
+        None, "--repeat-penalty", help="Penalty for repeated tokens (default 1.1)."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Sampling seed: same seed, same output."),
+    max_tokens: int | None = typer.Option(
+        None, "--max-tokens", help="Stop a reply after this many tokens (default: no limit)."
+    ),
+    format: str | None = typer.Option(
+        None, "--format", help="Constrain replies: json.", show_default=False
+    ),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Print load time and per-reply timings."
+    ),
+    markdown: bool = typer.Option(
+        True, "--markdown/--plain", help="Render replies as Markdown on a terminal, or plain."
+    ),
+    wordwrap: bool = typer.Option(
+        True, "--wordwrap/--nowordwrap", help="Wrap plain replies at word boundaries."
+    ),
+) -> None:
+    """Chat with a model (MODEL PROMPT: answer once; piped stdin is read)."""
+    from mmchat.console import err, out
+    from mmchat.errors import UserError
+    from mmchat.repl import loader
+    from mmchat.repl.chat import Chat, Display
+    from mmchat.runtime.options import LoadOptions
+    from mmchat.settings import load_settings
+
+    settings = load_settings()
+    text = " ".join(prompt or []).strip() or None
+    piped: str | None = None
+    if not sys.stdin.isatty():
+        piped = sys.stdin.read()
+    interactive = text is None and not image and piped is None
+    if format not in (None, "json"):
+        raise UserError(f"unknown format {format!r} (only json is supported)")
+
+    options = LoadOptions(n_ctx=ctx, n_gpu_layers=gpu_layers, n_threads=threads, seed=seed)
+    options.validate()
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "repeat_penalty": repeat_penalty,
+            "seed": seed,
+            "max_tokens": max_tokens,
+            "format": format,
+        }.items()
+        if v is not None
+    }
+
+    try:
+        source = loader.resolve_model(model, mmproj=mmproj, console=err)
+        loaded = loader.load(source, options, console=err)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    try:
+        params = loader.sampling_for(source).updated(**overrides)
+        session = loaded.session(system=system, params=params)
+        if verbose:
+            err.print(
+                f"load duration:        {loaded.load_ms:.1f} ms", style="dim", highlight=False
+            )
+
+        def opener(ref: str) -> tuple[loader.ModelSource, Any]:
+            src = loader.resolve_model(ref, console=err)
+            return src, loader.load(src, options, console=err)
+
+        chat = Chat(
+            model=loaded,
+            session=session,
+            out=out,
+            err=err,
+            name=source.name,
+            display=Display(verbose=verbose, markdown=markdown, wordwrap=wordwrap),
+            max_image_pixels=settings.max_image_pixels,
+            opener=opener,
+            load_options=options,
+        )
+        if interactive:
+            from mmchat.repl.app import run_repl
+
+            output = None
+            if not sys.stdout.isatty():  # keep stdout for the replies only
+                from prompt_toolkit.output import create_output
+
+                output = create_output(stdout=sys.stderr)
+            run_repl(chat, history_file=settings.history_file, output=output)
+            return
+        from mmchat.repl.oneshot import run_once
+
+        chat.notices = err
+        code = run_once(chat, text, piped=piped, images=list(image or []))
+        if code:
+            raise typer.Exit(code)
+    finally:
+        chat_model = locals().get("chat")
+        (chat_model.model if chat_model is not None else loaded).close()

@@ -1,0 +1,287 @@
+"""The conversation loop's logic, independent of how lines are read.
+
+``Chat.handle(line)`` takes one submitted input (a message or a slash command), does what it
+says and returns an ``Outcome``: go on, keep the typed text for editing (after an error,
+nothing was sent), or exit. ``mmchat.repl.app`` reads lines with prompt_toolkit and calls
+it; tests call it directly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+
+from mmchat.errors import UserError
+from mmchat.repl.imagepaths import ImageMention, find_images
+from mmchat.repl.render import format_stats, make_stream
+from mmchat.runtime.events import ContextTrimmed, Done, Token
+
+if TYPE_CHECKING:
+    from mmchat.repl.loader import ModelSource
+    from mmchat.runtime.model import LoadedModel
+    from mmchat.runtime.options import LoadOptions
+    from mmchat.runtime.session import ChatSession
+    from mmchat.vision import PreparedImage
+
+
+class Outcome(Enum):
+    OK = "ok"
+    """Done; the next prompt starts empty."""
+    KEEP = "keep"
+    """Nothing was sent: give the typed text back for editing."""
+    EXIT = "exit"
+
+
+@dataclass
+class Display:
+    """How replies are shown (``/set verbose|quiet``, ``markdown|plain``, ``wordwrap``)."""
+
+    verbose: bool = False
+    markdown: bool = True
+    wordwrap: bool = True
+
+
+@dataclass
+class Attached:
+    image: PreparedImage
+    display: str
+    tokens: int
+
+
+ModelOpener = Callable[[str], "tuple[ModelSource, LoadedModel]"]
+"""Loads a model by name or path for ``/load`` (set by the CLI)."""
+
+
+@dataclass
+class Chat:
+    """One interactive conversation with a loaded model."""
+
+    model: LoadedModel
+    session: ChatSession
+    out: Console
+    err: Console
+    name: str = "model"
+    display: Display = field(default_factory=Display)
+    max_image_pixels: int | None = None
+    opener: ModelOpener | None = None
+    load_options: LoadOptions | None = None
+    exists: Callable[[str], bool] = os.path.exists
+    notices: Console | None = None
+    """Where attach notices and hints go (default ``out``; stderr in one-shot mode)."""
+    pending: list[Attached] = field(default_factory=list)
+    """Images attached (``/image``, or a message that was only paths) awaiting a question."""
+    last_error: str | None = None
+    interrupted: bool = False
+
+    # -- messages to the user --
+
+    def error(self, message: str) -> None:
+        self.last_error = message
+        self.err.print(f"Error: {message}", style="bold red", markup=False, soft_wrap=True)
+
+    def note(self, message: str) -> None:
+        (self.notices or self.out).print(message, style="dim", markup=False, soft_wrap=True)
+
+    def say(self, message: str) -> None:
+        self.out.print(message, markup=False, soft_wrap=True, highlight=False)
+
+    def inform(self, message: str) -> None:
+        """A plain notice (attached images) on the notices console."""
+        (self.notices or self.out).print(message, markup=False, soft_wrap=True, highlight=False)
+
+    # -- input --
+
+    def handle(self, line: str) -> Outcome:
+        """Act on one submitted input."""
+        self.last_error = None
+        self.interrupted = False
+        text = line.strip()
+        if not text:
+            return Outcome.OK
+        if text.startswith('"""'):
+            text = strip_triple_quotes(text)
+        elif text.startswith("/") and not _is_path_like(text):
+            from mmchat.repl.commands import run_command
+
+            return run_command(self, text)
+        try:
+            return self.message(text)
+        except UserError as exc:
+            self.error(str(exc))
+            return Outcome.KEEP
+
+    def message(self, text: str) -> Outcome:
+        """A chat message, possibly naming images: attach them, then send the rest."""
+        parsed = find_images(text, exists=self.exists)
+        if not parsed.ok:
+            for m in parsed.missing:
+                self.error(f"No such file: {m.display}")
+            for m in parsed.urls:
+                self.error(
+                    f"mmchat does not download images: {m.display} "
+                    "(save it and give the file's path)"
+                )
+            if parsed.missing:
+                self.note(
+                    "Nothing was sent. To write a file name without attaching it, "
+                    "put it in backticks: `image.png`"
+                )
+            return Outcome.KEEP
+        images = self.attach(parsed.images)
+        if images is None:
+            return Outcome.KEEP
+        if not parsed.text:
+            self.pending.extend(images)
+            if images:
+                self.note("Ask a question about the image (it is sent with your next message).")
+            return Outcome.OK
+        return self.send(parsed.text, [*self.pending, *images])
+
+    def attach(
+        self, mentions: tuple[ImageMention, ...] | list[ImageMention]
+    ) -> list[Attached] | None:
+        """Load the images; print ``Added image ...`` for each, or errors and return None."""
+        if not mentions:
+            return []
+        if not self.model.has_vision:
+            self.error("this model cannot see images")
+            return None
+        out: list[Attached] = []
+        failed = False
+        seen: dict[str, Attached] = {}
+        for m in mentions:
+            try:
+                img = self.load_image(m.path, m.display)
+            except UserError as exc:
+                self.error(str(exc))
+                failed = True
+                continue
+            if img.digest in seen:
+                continue
+            tokens = int(self.model.vision.tokens_for(img))
+            att = Attached(img, m.display, tokens)
+            seen[img.digest] = att
+            out.append(att)
+        if failed:
+            self.note("Nothing was sent.")
+            return None
+        for att in out:
+            w, h = att.image.width, att.image.height
+            self.inform(f"Added image '{att.display}' ({w}×{h}, {att.tokens} tokens)")
+        return out
+
+    def load_image(self, path: str, display: str) -> PreparedImage:
+        """Read an image; errors name it as the user wrote it, history keeps the full path."""
+        from mmchat.vision import load_image
+
+        full = os.path.abspath(os.path.expanduser(path))
+        try:
+            img = load_image(full, max_pixels=self.max_image_pixels)
+        except UserError as exc:
+            raise type(exc)(str(exc).replace(full, display)) from None
+        return replace(img, source=full)
+
+    # -- replies --
+
+    def send(self, text: str, attached: list[Attached]) -> Outcome:
+        """Send a message and stream the reply. Ctrl-C stops the reply, keeps the session."""
+        images = [a.image for a in attached]
+        try:
+            events = self.session.send(text, images)
+        except UserError as exc:
+            self.error(str(exc))
+            return Outcome.KEEP
+        stream = None
+        done: Done | None = None
+        try:
+            for ev in events:
+                if isinstance(ev, Token):
+                    if stream is None:
+                        stream = self._stream()
+                    stream.feed(ev.text)
+                elif isinstance(ev, ContextTrimmed):
+                    self.note(ev.message)
+                elif isinstance(ev, Done):
+                    done = ev
+        except KeyboardInterrupt:
+            _close(events)
+            if stream is not None:
+                stream.abort()
+            self.pending.clear()
+            self.interrupted = True
+            self.note("(stopped)")
+            return Outcome.OK
+        except UserError as exc:
+            _close(events)
+            if stream is not None:
+                stream.abort()
+            self.error(str(exc))
+            return Outcome.OK if stream is not None else Outcome.KEEP
+        self.pending.clear()
+        if stream is None:
+            stream = self._stream()
+        stream.finish()
+        if done is not None:
+            if done.done_reason == "length":
+                self.note("(the reply reached the token limit)")
+            if self.display.verbose:
+                for ln in format_stats(done.stats):
+                    self.err.print(ln, style="dim", markup=False, highlight=False, soft_wrap=True)
+        return Outcome.OK
+
+    def _stream(self) -> Any:
+        return make_stream(self.out, markdown=self.display.markdown, wordwrap=self.display.wordwrap)
+
+    # -- model switching (``/load``) --
+
+    def switch_model(self, ref: str) -> None:
+        if self.opener is None:
+            raise UserError("/load is not available here")
+        source, model = self.opener(ref)
+        old_model, old_session = self.model, self.session
+        session = model.session(system=old_session.system, params=old_session.params)
+        data = old_session.export()
+        kept = True
+        if old_session.messages:
+            try:
+                session.load(data, load_image=self._reload_image)
+            except UserError as exc:
+                kept = False
+                self.note(f"Started a new conversation ({exc}).")
+        self.model, self.session, self.name = model, session, source.name
+        self.pending.clear()
+        old_model.close()
+        vision = "with vision" if model.has_vision else "text only"
+        extra = f", {len(session.messages)} messages kept" if kept and session.messages else ""
+        self.say(f"Loaded {source.name} ({vision}{extra})")
+
+    def _reload_image(self, path: str) -> Any:
+        from mmchat.vision import load_image
+
+        return load_image(path, max_pixels=self.max_image_pixels)
+
+
+def strip_triple_quotes(text: str) -> str:
+    """The text of a ``\"\"\"...\"\"\"`` block without its fences."""
+    body = text[3:]
+    if body.rstrip().endswith('"""'):
+        body = body.rstrip()[:-3]
+    return body.strip("\n").strip()
+
+
+def _is_path_like(text: str) -> bool:
+    """``/home/me/a.png what is it`` is a message, not a command."""
+    first = text.split(maxsplit=1)[0]
+    return "/" in first[1:] or first.startswith("//") or Path(first).exists()
+
+
+def _close(events: Any) -> None:
+    close = getattr(events, "close", None)
+    if close is not None:
+        close()
