@@ -57,7 +57,7 @@ def pull(
         for f in plan.files:
             size = format_bytes(f.size) if f.size is not None else "?"
             state = "  (already present)" if f.present else ""
-            out.print(f"  {f.role:<7}{f.filename:<{width}}  {size:>10}{state}", markup=False)
+            out.print(f"  {f.role:<8}{f.filename:<{width}}  {size:>10}{state}", markup=False)
         for note in plan.notes:
             print_warning(note)
         out.print(
@@ -68,7 +68,11 @@ def pull(
         if dry_run:
             return
         rec = puller.pull(plan)
-    out.print(f"success: {rec.name} (id {rec.id}); chat with: mmchat run {rec.name}", markup=False)
+    out.print(
+        f"success: {rec.name} (id {rec.id}); chat with: mmchat run {rec.name}",
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 # ---------------------------------------------------------------------------- list
@@ -247,7 +251,10 @@ def show(
     rows = []
     for part in (m, p):
         if part is not None:
-            rows.append((part["file"] or "-", f"{part['path']}  ({format_bytes(part['size'])})"))
+            digest = str(part["digest"]).removeprefix("sha256:")[:12]
+            rows.append((part["file"] or "-", f"{format_bytes(part['size'])}  sha256:{digest}"))
+    if m.get("path"):
+        rows.append(("stored in", str(Path(m["path"]).parent)))
     if src.get("type") == "hf":
         rows.append(("source", f"hf.co/{src.get('repo')} @ {str(src.get('revision'))[:12]}"))
     elif src.get("type"):
@@ -320,4 +327,5 @@ def create(
         f"created {rec.name} (id {rec.id}, {format_bytes(rec.size)}); "
         f"chat with: mmchat run {rec.name}",
         markup=False,
+        soft_wrap=True,
     )
