@@ -1,7 +1,8 @@
 """The model manager: load on first use, share while busy, unload after keep-alive.
 
-- One ``LoadedModel`` per store name (reloaded when the store's content for the name
-  changes, or when a request asks for another ``num_ctx``).
+- One ``LoadedModel`` per store name, reloaded (once the requests holding it are done)
+  when the store's content for the name changes or a request needs another context size:
+  its ``num_ctx``, else the model's stored ``num_ctx``, else the server's ``--ctx``.
 - Requests to a loaded model are served one at a time in arrival order: the runtime's
   ``LoadedModel.lock`` is a FIFO lock, so the model's queue is the lock's queue.
 - ``keep_alive`` (Ollama's semantics): after a request the model stays loaded that long;
@@ -244,9 +245,9 @@ class ModelManager:
         exceptions; nothing is left half-loaded.
         """
         keep = self.default_keep_alive if isinstance(keep_alive_s, Unset) else keep_alive_s
-        want_ctx = num_ctx or _stored_num_ctx(record)
+        want_ctx = num_ctx or _stored_num_ctx(record) or self._default_n_ctx()
         with self._cond:
-            entry = self._usable(record, want_ctx, explicit=num_ctx is not None)
+            entry = self._usable(record, want_ctx)
             if entry is not None:
                 entry.active += 1
                 entry.set_expiry(keep)
@@ -254,7 +255,7 @@ class ModelManager:
         with self._load_lock:
             stale: Entry | None = None
             with self._cond:
-                entry = self._usable(record, want_ctx, explicit=num_ctx is not None)
+                entry = self._usable(record, want_ctx)
                 if entry is not None:
                     entry.active += 1
                     entry.set_expiry(keep)
@@ -277,15 +278,19 @@ class ModelManager:
                 self._entries[record.name] = entry
             return Lease(entry, load_ms)
 
-    def _usable(self, record: Any, n_ctx: int | None, *, explicit: bool) -> Entry | None:
+    def _usable(self, record: Any, n_ctx: int | None) -> Entry | None:
+        """The loaded entry for ``record`` if it can serve a request wanting ``n_ctx``."""
         entry = self._entries.get(record.name)
         if entry is None or entry.unload_when_idle or entry.model.closed:
             return None
         if entry.record.id != record.id:
             return None
-        if explicit and n_ctx is not None and n_ctx not in (entry.n_ctx, entry.model.n_ctx):
+        if n_ctx != entry.n_ctx and n_ctx != entry.model.n_ctx:
             return None
         return entry
+
+    def _default_n_ctx(self) -> int | None:
+        return getattr(self._load_options, "n_ctx", None)
 
     def release(self, lease: Lease, keep_alive_s: KeepAlive = UNSET) -> None:
         """Give a lease back; the model's keep-alive starts now."""
