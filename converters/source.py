@@ -3,10 +3,12 @@ huggingface_hub (which honours HF_ENDPOINT, HF_TOKEN, HF_HOME and HF_HUB_OFFLINE
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import re
 from pathlib import Path
 
-from mmchat.errors import NotFoundError, UserError
+from mmchat.errors import CorruptFileError, NotFoundError, UserError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -22,36 +24,78 @@ def is_repo_id(text: str) -> bool:
     return bool(_REPO_ID.match(text)) and ".." not in text
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify(folder: Path, expected: dict[str, str], repo_id: str) -> None:
+    """huggingface_hub does not check what it downloaded: compare every LFS file's sha256
+    and remove a damaged one from the cache so the next attempt downloads it again."""
+    for name, sha in expected.items():
+        path = folder / name
+        if not path.is_file():
+            continue
+        if _sha256(path) != sha:
+            real = path.resolve()
+            path.unlink(missing_ok=True)
+            real.unlink(missing_ok=True)
+            raise CorruptFileError(
+                f"{name} from {repo_id!r} is damaged (sha256 mismatch); it was removed from "
+                "the download cache, run the command again"
+            )
+
+
 def _download(repo_id: str, *, what: str) -> Path:
     try:
-        from huggingface_hub import HfApi, snapshot_download
+        from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+        from huggingface_hub import errors as hf_errors
     except ImportError as exc:  # pragma: no cover - a declared dependency
         raise UserError("Downloading needs huggingface_hub (pip install huggingface_hub)") from exc
-    from huggingface_hub import errors as hf_errors
 
+    names: list[str] = []
+    lfs: dict[str, str] = {}
     try:
-        files = HfApi().list_repo_files(repo_id)
+        info = HfApi().model_info(repo_id, files_metadata=True)
+        for sib in info.siblings or []:
+            names.append(sib.rfilename)
+            if sib.lfs is not None and getattr(sib.lfs, "sha256", None):
+                lfs[sib.rfilename] = str(sib.lfs.sha256)
     except hf_errors.RepositoryNotFoundError as exc:
         raise NotFoundError(
             f"{what} {repo_id!r} is neither a local folder nor a Hugging Face repository "
             "you can access (for a private or gated repo set HF_TOKEN)"
         ) from exc
     except hf_errors.OfflineModeIsEnabled:
-        files = []
+        pass
     except Exception as exc:
         raise UserError(f"Cannot reach the Hugging Face hub for {repo_id!r}: {exc}") from exc
     patterns = list(_META)
-    if any(f.endswith(".safetensors") for f in files) or not files:
+    if any(n.endswith(".safetensors") for n in names) or not names:
         patterns.append("*.safetensors")
     else:
-        patterns += ["pytorch_model*.bin"]
+        patterns.append("pytorch_model*.bin")
     try:
-        path = snapshot_download(repo_id, allow_patterns=patterns)
+        if names:  # one file at a time through the resolve/ endpoint, like snapshot_download
+            wanted = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)]
+            if "config.json" not in wanted:
+                raise NotFoundError(f"{what} {repo_id!r} has no config.json (not a checkpoint)")
+            revision = getattr(info, "sha", None)
+            got = [hf_hub_download(repo_id, n, revision=revision) for n in wanted]
+            path = Path(got[wanted.index("config.json")]).parent
+        else:  # offline: whatever the cache holds
+            path = Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except UserError:
+        raise
     except hf_errors.RepositoryNotFoundError as exc:
         raise NotFoundError(f"No Hugging Face repository {repo_id!r}") from exc
     except Exception as exc:
-        raise UserError(f"Downloading {repo_id!r} failed: {exc}") from exc
-    return Path(path)
+        raise UserError(f"Downloading {repo_id!r} failed: {str(exc).rstrip('.')}") from exc
+    _verify(path, lfs, repo_id)
+    return path
 
 
 def resolve_source(source: str | Path) -> tuple[Path, str | None]:
@@ -77,6 +121,6 @@ def download_vision_tower(repo_id: str) -> Path:
         return _download(repo_id, what="Vision tower")
     except UserError as exc:
         raise UserError(
-            f"The vision tower {repo_id!r} (mm_vision_tower) is missing: {exc}. "
-            "Give a local copy with --vision-tower PATH"
+            f"The vision tower {repo_id!r} (mm_vision_tower) is missing: "
+            f"{str(exc).rstrip('.')}. Give a local copy with --vision-tower PATH"
         ) from exc

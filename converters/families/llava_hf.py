@@ -23,24 +23,30 @@ from .base import (
     mlp_projector_jobs,
 )
 
-_LAYOUTS = (
-    {
-        "embed": "language_model.model.embed_tokens.weight",
-        "layers": "language_model.model.layers.",
-        "norm": "language_model.model.norm.weight",
-        "lm_head": "language_model.lm_head.weight",
-        "vision": "vision_tower.vision_model.",
-        "projector": "multi_modal_projector.",
-    },
-    {
-        "embed": "model.language_model.embed_tokens.weight",
-        "layers": "model.language_model.layers.",
-        "norm": "model.language_model.norm.weight",
-        "lm_head": "lm_head.weight",
-        "vision": "model.vision_tower.vision_model.",
-        "projector": "model.multi_modal_projector.",
-    },
+# (embeddings, layer prefix, final norm, lm_head) of the language model
+_TEXT_LAYOUTS = (
+    (
+        "language_model.model.embed_tokens.weight",
+        "language_model.model.layers.",
+        "language_model.model.norm.weight",
+        "language_model.lm_head.weight",
+    ),
+    (
+        "model.language_model.embed_tokens.weight",
+        "model.language_model.layers.",
+        "model.language_model.norm.weight",
+        "lm_head.weight",
+    ),
 )
+# where the CLIP vision model's "embeddings."/"encoder." live (transformers 5 drops the
+# "vision_model." level when it saves)
+_VISION_PREFIXES = (
+    "vision_tower.vision_model.",
+    "model.vision_tower.vision_model.",
+    "vision_tower.",
+    "model.vision_tower.",
+)
+_PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
 
 
 class LlavaHF:
@@ -86,28 +92,41 @@ class LlavaHF:
             raise UserError(f"projector activation {act!r} is not supported (gelu is)")
 
         ckpt = open_checkpoint(folder)
-        layout = next((lay for lay in _LAYOUTS if lay["embed"] in ckpt), None)
-        if layout is None:
+        text = next((lay for lay in _TEXT_LAYOUTS if lay[0] in ckpt), None)
+        vision = next(
+            (p for p in _VISION_PREFIXES if p + "embeddings.patch_embedding.weight" in ckpt), None
+        )
+        projector = next((p for p in _PROJECTOR_PREFIXES if p + "linear_1.weight" in ckpt), None)
+        if text is None or vision is None or projector is None:
+            missing = [
+                what
+                for what, found in (
+                    ("language model", text),
+                    ("vision tower", vision),
+                    ("projector", projector),
+                )
+                if found is None
+            ]
             raise UserError(
-                f"{folder} does not look like a llava-hf checkpoint: no "
-                f"{_LAYOUTS[0]['embed']} or {_LAYOUTS[1]['embed']}"
+                f"{folder} does not look like a llava-hf checkpoint: no {' / '.join(missing)} "
+                "weights under the names transformers uses"
             )
-        mistral = text_type == "mistral"
+        embed, layers, norm, lm_head = text
         text_hp, text_jobs = llama_text_plan(
             ckpt,
             tcfg,
-            layer_prefix=layout["layers"],
-            embed=layout["embed"],
-            norm=layout["norm"],
-            lm_head=layout["lm_head"],
-            mistral=mistral,
+            layer_prefix=layers,
+            embed=embed,
+            norm=norm,
+            lm_head=lm_head,
+            mistral=text_type == "mistral",
         )
         notes: list[str] = []
         mean, std = image_norm_from([folder], notes)
         vis_hp, vis_jobs = clip_vision_plan(
             ckpt,
             vcfg,
-            prefix=layout["vision"],
+            prefix=vision,
             select_layer=config.get("vision_feature_layer", -2),
             image_mean=mean,
             image_std=std,
@@ -115,8 +134,8 @@ class LlavaHF:
         )
         vis_jobs += mlp_projector_jobs(
             ckpt,
-            first=layout["projector"] + "linear_1.",
-            second=layout["projector"] + "linear_2.",
+            first=projector + "linear_1.",
+            second=projector + "linear_2.",
             vision_width=vis_hp.n_embd,
             text_width=text_hp.n_embd,
         )

@@ -28,13 +28,14 @@ from .base import (
 _EMBEDDED_TOWER = "model.vision_tower.vision_tower.vision_model."
 
 
-def resolve_tower(folder: Path, config: dict[str, Any], given: Path | None) -> Path:
-    """The folder of the CLIP tower: --vision-tower, a local mm_vision_tower, or a download."""
+def resolve_tower(folder: Path, config: dict[str, Any], given: Path | None) -> tuple[Path, str]:
+    """(folder, description) of the CLIP tower: --vision-tower, a local mm_vision_tower, or
+    the repo it names, downloaded."""
     if given is not None:
         p = Path(given).expanduser()
         if not p.is_dir():
             raise UserError(f"--vision-tower {given}: no such folder")
-        return p
+        return p, str(p.resolve())
     named = config.get("mm_vision_tower") or config.get("vision_tower")
     if not named:
         raise UserError(
@@ -44,10 +45,10 @@ def resolve_tower(folder: Path, config: dict[str, Any], given: Path | None) -> P
     named = str(named)
     for cand in (Path(named).expanduser(), folder / named):
         if cand.is_dir():
-            return cand
+            return cand, str(cand.resolve())
     from ..source import download_vision_tower
 
-    return download_vision_tower(named)
+    return download_vision_tower(named), named
 
 
 class _Original:
@@ -93,11 +94,11 @@ class _Original:
             tower_ckpt, prefix, tower_dir = ckpt, _EMBEDDED_TOWER, None
             vcfg = dict(config.get("vision_config") or {})
             if not vcfg:
-                tower_dir = resolve_tower(folder, config, vision_tower)
+                tower_dir, _ = resolve_tower(folder, config, vision_tower)
                 vcfg = _tower_config(tower_dir)
             source = "checkpoint"
         else:
-            tower_dir = resolve_tower(folder, config, vision_tower)
+            tower_dir, label = resolve_tower(folder, config, vision_tower)
             vcfg = _tower_config(tower_dir)
             tower_ckpt = open_checkpoint(tower_dir)
             if "vision_model.embeddings.patch_embedding.weight" in tower_ckpt:
@@ -106,7 +107,7 @@ class _Original:
                 prefix = ""
             else:
                 raise UserError(f"{tower_dir} does not hold a CLIP vision tower")
-            source = str(tower_dir)
+            source = label
         mean, std = image_norm_from([d for d in (tower_dir, folder) if d is not None], notes)
         vis_hp, vis_jobs = clip_vision_plan(
             tower_ckpt,

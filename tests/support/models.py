@@ -13,12 +13,20 @@ vision tower lives outside the checkpoint (the original LLaVA layouts) get
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import tempfile
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+if TYPE_CHECKING:
+    import numpy as np
+
+# MMCHAT_TEST_FIXTURES: use fixtures generated elsewhere (while regenerating them)
+FIXTURES = Path(
+    os.environ.get("MMCHAT_TEST_FIXTURES") or Path(__file__).resolve().parent.parent / "fixtures"
+)
 CLIP_TOWER = FIXTURES / "clip_tower"
 # fixtures in the original LLaVA layout: their CLIP tower is a separate folder
 EXTERNAL_TOWER = {"llava15_orig", "bakllava_orig"}
@@ -33,6 +41,29 @@ def fixture_dir(fixture: str) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"test fixture {fixture!r} is missing ({path})")
     return path
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """A minimal safetensors writer (stores F32) for hand-made or damaged checkpoints."""
+    import json
+    import struct
+
+    import numpy as np
+
+    header: dict[str, object] = {}
+    blobs: list[bytes] = []
+    offset = 0
+    for name, arr in tensors.items():
+        raw = np.ascontiguousarray(arr, dtype="<f4").tobytes()
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
 
 
 def _session_root() -> Path:
@@ -68,3 +99,69 @@ def converted(fixture: str, quant: str = "f32", vision_quant: str = "f32") -> tu
         )
         _cache[key] = (result.model_path, result.mmproj_path)
         return _cache[key]
+
+
+class LlamaText:
+    """A converted text GGUF loaded through llama-cpp-python's low-level API, set up for
+    parity: flash attention off, f32 KV cache, CPU only, and no extra buffer types (the
+    CPU's AMX repacking executes instructions some virtual machines do not allow even
+    though the CPU reports them; plain CPU buffers work everywhere)."""
+
+    def __init__(self, path: Path, n_ctx: int = 512) -> None:
+        import llama_cpp as L
+
+        self._L = L
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        mp.use_extra_bufts = False
+        self.model = L.llama_model_load_from_file(str(path).encode(), mp)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        cp = L.llama_context_default_params()
+        cp.n_ctx = cp.n_batch = cp.n_ubatch = n_ctx
+        cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cp.type_k = cp.type_v = 0  # GGML_TYPE_F32
+        cp.n_threads = cp.n_threads_batch = 2
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            L.llama_model_free(self.model)
+            raise RuntimeError(f"llama.cpp could not create a context for {path}")
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
+
+    def last_logits(self, ids: list[int]) -> np.ndarray:
+        import numpy as np
+
+        L = self._L
+        L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
+        arr = (L.llama_token * len(ids))(*ids)  # kept alive until decode returns
+        rc = L.llama_decode(self.ctx, L.llama_batch_get_one(arr, len(ids)))
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc})")
+        p = L.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(p, shape=(self.n_vocab,)).astype(np.float64)
+
+    def tokenize(
+        self, text: str, *, add_special: bool = True, parse_special: bool = False
+    ) -> list[int]:
+        L = self._L
+        raw = text.encode("utf-8")
+        buf = (L.llama_token * (len(raw) + 8))()
+        n = L.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), add_special, parse_special)
+        if n < 0:
+            raise RuntimeError("token buffer too small")
+        return list(buf[:n])
+
+    def close(self) -> None:
+        if self.ctx:
+            self._L.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            self._L.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> LlamaText:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

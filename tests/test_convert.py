@@ -1,0 +1,296 @@
+"""What `mmchat convert` writes: every vision/projector tensor round-trips, the metadata
+llama.cpp needs is there, the mmproj loads in llama.cpp's own mtmd, the output is atomic."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from mmchat.converters.checkpoint import open_checkpoint
+from support.models import CLIP_TOWER, LlamaText, converted, fixture_dir, write_safetensors
+
+HF = ["llava15_hf", "bakllava_hf"]
+SAFE = [*HF, "llava15_orig"]  # the fixtures that need no torch
+
+_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.out_proj": "attn_out",
+    "layer_norm1": "ln1",
+    "layer_norm2": "ln2",
+    "mlp.fc1": "ffn_up",
+    "mlp.fc2": "ffn_down",
+}
+
+
+def expected_vision_tensors(fixture: str) -> dict[str, np.ndarray]:
+    """GGUF name -> source tensor (float32), mapped independently of the converter."""
+    d = fixture_dir(fixture)
+    out: dict[str, np.ndarray] = {}
+    if fixture in HF:
+        ckpt = open_checkpoint(d)
+        tower, prefix = ckpt, "vision_tower.vision_model."
+        proj = {
+            "multi_modal_projector.linear_1.": "mm.0.",
+            "multi_modal_projector.linear_2.": "mm.2.",
+        }
+    else:
+        ckpt = open_checkpoint(d)
+        tower, prefix = open_checkpoint(CLIP_TOWER), "vision_model."
+        proj = {"model.mm_projector.0.": "mm.0.", "model.mm_projector.2.": "mm.2."}
+    for name in tower.names():
+        if not name.startswith(prefix):
+            continue
+        rest = name[len(prefix) :]
+        gg = {
+            "embeddings.class_embedding": "v.class_embd",
+            "embeddings.patch_embedding.weight": "v.patch_embd.weight",
+            "embeddings.position_embedding.weight": "v.position_embd.weight",
+            "pre_layrnorm.weight": "v.pre_ln.weight",
+            "pre_layrnorm.bias": "v.pre_ln.bias",
+        }.get(rest)
+        m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", rest)
+        if m:
+            gg = f"v.blk.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+        if gg is not None:
+            out[gg] = tower[name].load().astype(np.float32)
+    for src, dst in proj.items():
+        for kind in ("weight", "bias"):
+            out[dst + kind] = ckpt[src + kind].load().astype(np.float32)
+    return out
+
+
+def read_tensors(path: Path) -> dict[str, tuple[T, np.ndarray]]:
+    r = GGUFReader(path)
+    out = {}
+    for t in r.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape))
+        data = dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
+        out[t.name] = (t.tensor_type, data)
+    return out
+
+
+def fields(path: Path) -> dict[str, Any]:
+    r = GGUFReader(path)
+    out: dict[str, Any] = {}
+    for k, f in r.fields.items():
+        if k.startswith("GGUF.") or k in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores"):
+            continue
+        v = f.contents()
+        out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("fixture", SAFE)
+@pytest.mark.parametrize("vquant", ["f32", "f16", "q8_0"])
+def test_vision_tensors_round_trip(fixture: str, vquant: str) -> None:
+    _, mmproj = converted(fixture, "f32", vquant)
+    want = expected_vision_tensors(fixture)
+    got = read_tensors(mmproj)
+    assert set(got) == set(want), "tensor names differ"
+    assert "v.post_ln.weight" not in got
+    for name, src in want.items():
+        typ, data = got[name]
+        assert data.shape == src.shape, name
+        if typ == T.F32:
+            assert np.array_equal(data, src), name
+        elif typ == T.F16:
+            assert vquant != "f32", name
+            assert np.array_equal(data, src.astype(np.float16).astype(np.float32)), name
+        elif typ == T.Q8_0:
+            assert vquant == "q8_0"
+            blocks = src.reshape(-1, 32)
+            d = np.abs(blocks).max(axis=1, keepdims=True) / 127.0
+            err = np.abs(data.reshape(-1, 32) - blocks)
+            # half a quantization step, plus the f16 rounding of the block scale
+            assert (err <= d * (0.5 + 127 * 2.0**-11) + 1e-9).all(), name
+        else:
+            pytest.fail(f"{name}: unexpected type {typ.name}")
+    if vquant == "q8_0":  # matrices quantized where their rows fit Q8_0's 32-blocks
+        for name, (typ, data) in got.items():
+            if data.ndim == 2 and name.endswith(".weight") and "embd" not in name:
+                assert typ == (T.Q8_0 if data.shape[1] % 32 == 0 else T.F16), name
+        assert got["v.position_embd.weight"][0] == T.F16
+
+
+@pytest.mark.parametrize("fixture", SAFE)
+def test_mmproj_metadata(fixture: str) -> None:
+    _, mmproj = converted(fixture, "f32", "f32")
+    f = fields(mmproj)
+    d = fixture_dir(fixture)
+    cfg = json.loads((d / "config.json").read_text())
+    if fixture in HF:
+        vcfg, text_width = cfg["vision_config"], cfg["text_config"]["hidden_size"]
+        pre = json.loads((d / "preprocessor_config.json").read_text())
+    else:
+        vcfg = json.loads((CLIP_TOWER / "config.json").read_text())["vision_config"]
+        text_width = cfg["hidden_size"]
+        pre = json.loads((CLIP_TOWER / "preprocessor_config.json").read_text())
+    assert f["general.architecture"] == "clip"
+    assert f["clip.projector_type"] == "mlp"
+    assert f["clip.has_vision_encoder"] is True
+    assert f["clip.use_gelu"] is False  # quick-GELU, as CLIP
+    assert f["clip.vision.projection_dim"] == text_width
+    assert f["clip.vision.block_count"] == vcfg["num_hidden_layers"]
+    assert f["clip.vision.image_size"] == vcfg["image_size"]
+    assert f["clip.vision.patch_size"] == vcfg["patch_size"]
+    assert f["clip.vision.embedding_length"] == vcfg["hidden_size"]
+    # LLaVA's layer -2: the output of block n-2, i.e. hidden_states[n - 1]
+    assert list(f["clip.vision.feature_layer"]) == [vcfg["num_hidden_layers"] - 1]
+    np.testing.assert_allclose(f["clip.vision.image_mean"], pre["image_mean"], rtol=1e-6)
+    np.testing.assert_allclose(f["clip.vision.image_std"], pre["image_std"], rtol=1e-6)
+
+
+def test_text_metadata_and_chat_templates() -> None:
+    import jinja2
+
+    model, _ = converted("bakllava_hf", "f32", "f32")
+    f = fields(model)
+    assert f["general.architecture"] == "llama"
+    assert f["llama.attention.sliding_window"] == 4096  # Mistral's window kept
+    assert f["llama.attention.head_count_kv"] == 2
+    assert f["tokenizer.ggml.model"] == "llama"
+    assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert f["tokenizer.ggml.unknown_token_id"] == 0
+    assert f["tokenizer.ggml.add_bos_token"] is True
+    tcfg = json.loads((fixture_dir("bakllava_hf") / "tokenizer_config.json").read_text())
+    assert f["tokenizer.chat_template"] == tcfg["chat_template"]  # the checkpoint's own
+    n_vocab = json.loads((fixture_dir("bakllava_hf") / "config.json").read_text())["text_config"][
+        "vocab_size"
+    ]
+    assert len(GGUFReader(model).fields["tokenizer.ggml.token_type"].data) == n_vocab
+
+    orig, _ = converted("llava15_orig", "f32", "f32")
+    tmpl = fields(orig)["tokenizer.chat_template"]  # no template shipped: LLaVA's own format
+    env = jinja2.Environment()
+    msgs = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "Sure?"},
+    ]
+    text = env.from_string(tmpl).render(messages=msgs, add_generation_prompt=True)
+    assert text.endswith(" USER: <image>\nWhat is it? ASSISTANT: A cat.</s>USER: Sure? ASSISTANT:")
+    assert text.startswith("A chat between a curious human and an artificial intelligence")
+
+
+def _mtmd_image_tokens(model: Path, mmproj: Path, w: int, h: int) -> tuple[int, np.ndarray]:
+    from llama_cpp import mtmd_cpp as M
+
+    with LlamaText(model) as llm:
+        p = M.mtmd_context_params_default()
+        p.use_gpu = False
+        p.n_threads = 2
+        p.warmup = False
+        p.print_timings = False
+        ctx = M.mtmd_init_from_file(str(mmproj).encode(), llm.model, p)
+        assert ctx, "mtmd_init_from_file failed"
+        try:
+            assert M.mtmd_support_vision(ctx)
+            pixels = (np.arange(w * h * 3) % 251).astype(np.uint8)
+            bmp = M.mtmd_bitmap_init(w, h, (ctypes.c_uint8 * pixels.size).from_buffer(pixels))
+            chunks = M.mtmd_input_chunks_init()
+            prompt = b"USER: " + M.mtmd_default_marker() + b"\nWhat is this? ASSISTANT:"
+            txt = M.mtmd_input_text()
+            txt.text, txt.text_len, txt.add_special, txt.parse_special = (
+                prompt,
+                len(prompt),
+                True,
+                True,
+            )
+            try:
+                rc = M.mtmd_tokenize(
+                    ctx, chunks, ctypes.byref(txt), (M.mtmd_bitmap_p_ctypes * 1)(bmp), 1
+                )
+                assert rc == 0
+                images = [
+                    M.mtmd_input_chunks_get(chunks, i)
+                    for i in range(M.mtmd_input_chunks_size(chunks))
+                    if M.mtmd_input_chunk_get_type(M.mtmd_input_chunks_get(chunks, i)) == 1
+                ]
+                assert len(images) == 1
+                n = int(M.mtmd_input_chunk_get_n_tokens(images[0]))
+                assert M.mtmd_encode_chunk(ctx, images[0]) == 0
+                emb = np.ctypeslib.as_array(
+                    M.mtmd_get_output_embd(ctx), shape=(n * llm_n_embd(llm),)
+                ).copy()
+            finally:
+                M.mtmd_input_chunks_free(chunks)
+                M.mtmd_bitmap_free(bmp)
+        finally:
+            M.mtmd_free(ctx)
+    return n, emb
+
+
+def llm_n_embd(llm: LlamaText) -> int:
+    import llama_cpp as L
+
+    return int(L.llama_model_n_embd(llm.model))
+
+
+@pytest.mark.parametrize("fixture", SAFE)
+@pytest.mark.parametrize("vquant", ["f32", "f16", "q8_0"])
+def test_mmproj_loads_in_llama_cpp_mtmd(fixture: str, vquant: str) -> None:
+    model, mmproj = converted(fixture, "f32", vquant)
+    f = fields(mmproj)
+    expected = (f["clip.vision.image_size"] // f["clip.vision.patch_size"]) ** 2
+    n, emb = _mtmd_image_tokens(model, mmproj, 40, 30)
+    assert n == expected
+    assert np.isfinite(emb).all() and np.abs(emb).max() > 0
+
+
+def test_result_and_atomic_names(tmp_path: Path) -> None:
+    from mmchat.converters import convert
+
+    res = convert(fixture_dir("llava15_hf"), outdir=tmp_path, name="tiny", quant="q8_0")
+    assert res.model_path == tmp_path / "tiny-q8_0.gguf"
+    assert res.mmproj_path == tmp_path / "mmproj-tiny-f16.gguf"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mmproj-tiny-f16.gguf", "tiny-q8_0.gguf"]
+    assert res.name == "tiny" and res.template_source == "checkpoint"
+    text, vision = res.parts
+    assert text.types["Q8_0"] >= 1 and text.types["F32"] >= 1
+    assert vision.types == {"F32": vision.types["F32"], "F16": vision.types["F16"]}
+    assert text.n_bytes == res.model_path.stat().st_size
+    assert res.n_image_tokens == 16
+    assert res.source["path"].endswith("llava15_hf") and res.source["quant"] == "q8_0"
+
+
+def test_transformers5_key_names(tmp_path: Path) -> None:
+    """A llava-hf checkpoint saved by transformers 5 (model.language_model.*, lm_head,
+    model.vision_tower.* without vision_model.) converts to the same tensors."""
+    import shutil
+
+    from mmchat.converters import convert
+
+    src = tmp_path / "t5"
+    shutil.copytree(fixture_dir("llava15_hf"), src)
+    ckpt = open_checkpoint(src)
+    renamed = {}
+    for name in ckpt.names():
+        new = name
+        for old, repl in (
+            ("language_model.model.", "model.language_model."),
+            ("language_model.lm_head.", "lm_head."),
+            ("vision_tower.vision_model.", "model.vision_tower."),
+            ("multi_modal_projector.", "model.multi_modal_projector."),
+        ):
+            if name.startswith(old):
+                new = repl + name[len(old) :]
+        renamed[new] = ckpt[name].load()
+    (src / "model.safetensors").unlink()
+    write_safetensors(src / "model.safetensors", renamed)
+    res = convert(src, outdir=tmp_path / "out", quant="f32", vision_quant="f32")
+    ref_model, ref_mmproj = converted("llava15_hf", "f32", "f32")
+    for ours, ref in ((res.model_path, ref_model), (res.mmproj_path, ref_mmproj)):
+        a, b = read_tensors(ours), read_tensors(ref)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert np.array_equal(a[k][1], b[k][1]), k
