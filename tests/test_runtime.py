@@ -241,6 +241,41 @@ def test_json_format_gives_parseable_json(text_model: LoadedModel) -> None:
     assert not free.text.startswith("{")
 
 
+def test_json_schema_format(text_model: LoadedModel) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"count": {"type": "integer"}, "ok": {"type": "boolean"}},
+        "required": ["count", "ok"],
+    }
+    params = SamplingParams(seed=0, format=schema, max_tokens=64)
+    done = text_model.session(params=params).ask("Count them.")
+    value = json.loads(done.text)
+    assert isinstance(value["count"], int) and isinstance(value["ok"], bool)
+
+
+def test_reply_to_a_history_brought_by_a_request(text_model: LoadedModel) -> None:
+    # what the HTTP API does: a fresh session per request, with the request's messages
+    history = [
+        Message("system", "Be brief."),
+        Message("user", "Hi"),
+        Message("assistant", "Hello."),
+        Message("user", "How are you?"),
+    ]
+    chat = text_model.session(params=SamplingParams(seed=1, max_tokens=4))
+    chat.messages = list(history)
+    done = [e for e in chat.reply() if isinstance(e, Done)].pop()
+    assert text_model.render(history) == (
+        "Be brief. USER: Hi ASSISTANT: Hello.</s>USER: How are you? ASSISTANT:"
+    )
+    # the next request repeats the history plus one turn: only the new part is evaluated
+    nxt = text_model.session(params=SamplingParams(seed=1, max_tokens=4))
+    nxt.messages = [*history, Message("assistant", done.text), Message("user", "Why?")]
+    stats = [e for e in nxt.reply() if isinstance(e, Done)].pop().stats
+    assert stats.cached_tokens >= done.stats.prompt_tokens
+    with pytest.raises(UserError, match="must end with a user message"):
+        text_model.session().reply()
+
+
 # --- KV-cache prefix reuse ------------------------------------------------------------------
 
 
@@ -339,6 +374,16 @@ def test_stopping_the_stream_keeps_a_usable_session(text_model: LoadedModel) -> 
     done = chat.ask("Go on.")
     assert done.stats.cached_tokens > 0
     assert [m.role for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+    stream = chat.send("One more.")
+    for event in stream:
+        if isinstance(event, Done):
+            break
+    assert not text_model.lock.locked()  # released before Done, although not closed
+
+    # a consumer that stops at Done but keeps the stream object does not hold the model
+    kept = chat.send("Short.")
+    assert isinstance([e for e in kept if isinstance(e, Done)].pop(), Done)
+    assert not text_model.lock.locked()
 
     # KeyboardInterrupt raised inside the generator (Ctrl-C while it runs)
     stream = chat.send("Again.")

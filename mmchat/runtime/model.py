@@ -257,12 +257,24 @@ class LoadedModel:
 
     # -- lifetime --
 
-    def close(self) -> None:
-        """Free the context, the model and the vision engine (idempotent)."""
+    def close(self, *, timeout: float = 60.0) -> None:
+        """Free the context, the model and the vision engine (idempotent).
+
+        Waits (up to ``timeout`` seconds, then RuntimeError) for a request in progress: a
+        reply that is still being streamed holds the model. Do not call it from inside such a
+        stream.
+        """
         if self._closed:
             return
-        self._closed = True
-        self._finalizer()
+        if not self.lock.acquire(timeout=timeout):
+            raise RuntimeError("the model is busy with a request; it cannot be closed now")
+        try:
+            if self._closed:
+                return
+            self._closed = True
+            self._finalizer()
+        finally:
+            self.lock.release()
         self._text = None
         self._ctx = None
         self._vision = None

@@ -86,7 +86,8 @@ class SamplingParams:
     ``temperature <= 0`` means greedy (argmax). The same ``seed`` with the same model,
     prompt and parameters gives the same output. ``seed=None`` draws a fresh seed per reply.
     ``max_tokens=None`` generates until an end-of-generation token, a stop string or a full
-    context. ``format="json"`` constrains the output to a JSON object with a GBNF grammar;
+    context. ``format="json"`` constrains the output to a JSON object with a GBNF grammar,
+    ``format={...}`` (a JSON schema, as Ollama accepts) to JSON following that schema;
     ``grammar`` takes any GBNF text (root rule ``root``) instead.
     """
 
@@ -101,7 +102,7 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
-    format: Literal["json"] | None = None
+    format: Literal["json"] | dict[str, Any] | None = None
     grammar: str | None = None
 
     def validate(self) -> None:
@@ -115,8 +116,8 @@ class SamplingParams:
             raise UserError(f"repeat_penalty must be positive, got {self.repeat_penalty}")
         if self.max_tokens is not None and self.max_tokens < 0:
             raise UserError(f"max_tokens must not be negative, got {self.max_tokens}")
-        if self.format not in (None, "json"):
-            raise UserError(f"unknown format {self.format!r} (only 'json' is supported)")
+        if self.format is not None and self.format != "json" and not isinstance(self.format, dict):
+            raise UserError(f"unknown format {self.format!r} (use 'json' or a JSON schema object)")
         if self.seed is not None and not 0 <= self.seed < 2**32:
             raise UserError(f"seed must be in [0, 2**32), got {self.seed}")
         if any(not s for s in self.stop):

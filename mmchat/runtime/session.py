@@ -56,10 +56,24 @@ from mmchat.runtime.streaming import ReplyText
 EXPORT_VERSION = 1
 
 
-def _json_grammar() -> str:
-    from llama_cpp.llama_grammar import JSON_GBNF
+def grammar_for(p: SamplingParams) -> str | None:
+    """The GBNF grammar that ``p`` asks for (its own, JSON, or a JSON schema's)."""
+    if p.grammar is not None:
+        return p.grammar
+    if p.format is None:
+        return None
+    if p.format == "json":
+        from llama_cpp.llama_grammar import JSON_GBNF
 
-    return str(JSON_GBNF)
+        return str(JSON_GBNF)
+    import json
+
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return str(json_schema_to_gbnf(json.dumps(p.format)))
+    except Exception as exc:
+        raise UserError(f"cannot use this JSON schema as a format: {exc}") from exc
 
 
 class ChatSession:
@@ -102,7 +116,7 @@ class ChatSession:
     @property
     def visible_messages(self) -> list[Message]:
         """The messages the model sees (after any trimming)."""
-        return self.messages[self.window_start :]
+        return self._window(self.window_start)
 
     def cancel(self) -> None:
         """Ask a running ``send`` (in another thread) to stop at the next token or batch."""
@@ -203,9 +217,12 @@ class ChatSession:
             stats.images_encoded = run.images_encoded
             stats.images_from_cache = run.images_from_cache
             stats.image_encode_ms = run.encode_ms
-            yield from self._generate(p, stats, t_start)
+            done = yield from self._generate(p, stats, t_start)
         finally:
             model.lock.release()
+        # yielded after the lock is released: a consumer that stops reading at Done (and
+        # keeps the generator around) does not hold the model
+        yield done
 
     def _fit(self, p: SamplingParams) -> tuple[list[PromptItem], int]:
         """The prompt for the visible conversation, trimming the oldest turns to make room."""
@@ -215,7 +232,7 @@ class ChatSession:
         start = self.window_start
         last_user = max(i for i, m in enumerate(self.messages) if m.role == "user")
         while True:
-            items = model.build_prompt(self.messages[start:], system=self.system)
+            items = model.build_prompt(self._window(start), system=self.system)
             n = count_positions(items)
             if n + reserve <= n_ctx:
                 break
@@ -228,9 +245,14 @@ class ChatSession:
                     break
                 raise self._too_long(items, n, n_ctx)
             start = nxt
-        dropped = start - self.window_start
+        dropped = sum(1 for m in self.messages[self.window_start : start] if m.role != "system")
         self.window_start = start
         return items, dropped
+
+    def _window(self, start: int) -> list[Message]:
+        """Messages from ``start`` on, plus any system messages before it (never trimmed)."""
+        kept = [m for m in self.messages[:start] if m.role == "system"]
+        return kept + self.messages[start:]
 
     def _too_long(self, items: list[PromptItem], n: int, n_ctx: int) -> UserError:
         img_tokens = [it.positions for it in items if isinstance(it, PromptImage)]
@@ -250,11 +272,9 @@ class ChatSession:
 
     def _generate(
         self, p: SamplingParams, stats: Stats, t_start: float
-    ) -> Generator[Event, None, None]:
+    ) -> Generator[Event, None, Done]:
         model = self.model
-        grammar = p.grammar
-        if grammar is None and p.format == "json":
-            grammar = _json_grammar()
+        grammar = grammar_for(p)
         chain = _llama.build_sampler(
             model.text,
             temperature=p.temperature,
@@ -319,7 +339,7 @@ class ChatSession:
         stats.done_reason = reason
         self.messages.append(Message("assistant", reply.text))
         self.last_stats = stats
-        yield Done(text=reply.text, stats=stats, done_reason=reason)
+        return Done(text=reply.text, stats=stats, done_reason=reason)
 
     def ask(self, text: str, images: Sequence[ImageInput] = (), **kw: Any) -> Done:
         """Send and wait for the whole reply (convenience for scripts and tests)."""
