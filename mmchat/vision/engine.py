@@ -211,6 +211,11 @@ class LlavaEngine(VisionEngine):
         disk_cache: bool | Path = False,
     ) -> None:
         from mmchat.native import NativeError, NativeVisionModel, load_library
+        from mmchat.native.model import (
+            MMV_ERR_BACKEND,
+            MMV_ERR_INVALID_ARGUMENT,
+            MMV_ERR_OUT_OF_MEMORY,
+        )
 
         if fast_activations:
             self.kind = "mmvision-fast"
@@ -227,6 +232,10 @@ class LlavaEngine(VisionEngine):
                 fast_activations=fast_activations,
             )
         except NativeError as exc:
+            if exc.status == MMV_ERR_INVALID_ARGUMENT:  # e.g. an unknown device name
+                raise UserError(str(exc)) from None
+            if exc.status in (MMV_ERR_BACKEND, MMV_ERR_OUT_OF_MEMORY):
+                raise UserError(f"Cannot load projector {mmproj.name}: {exc}") from None
             raise CorruptFileError(f"Cannot load projector {mmproj}: {exc}") from None
         info = self.model.info
         self.info = info

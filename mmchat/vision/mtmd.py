@@ -8,8 +8,8 @@ the image in text tokens (e.g. Gemma 3's ``<start_of_image>``); those come back 
 from __future__ import annotations
 
 import ctypes
-import sys
 import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,12 +21,17 @@ from mmchat.vision.cache import EmbeddingCache
 from mmchat.vision.engine import ImageEmbedding, VisionEngine
 from mmchat.vision.image import PreparedImage
 
+_GGML_LOG_LEVEL_WARN = 3
 _GGML_LOG_LEVEL_ERROR = 4
+_GGML_LOG_LEVEL_CONT = 5
 _log_callback: Any = None
+_recent: deque[str] = deque(maxlen=20)
+_last_level = 0
 
 
 def _quiet_mtmd_logs(mtmd: Any) -> None:
-    """Let only errors of mtmd/clip through to stderr (it is chatty at load time)."""
+    """Keep mtmd/clip's chatty load-time log off stderr; remember warnings and errors so a
+    failure can say why (``_last_error``)."""
     global _log_callback
     if _log_callback is not None:
         return
@@ -34,12 +39,25 @@ def _quiet_mtmd_logs(mtmd: Any) -> None:
 
     @llama_cpp.llama_log_callback
     def _cb(level: int, text: bytes, user_data: Any) -> None:
-        if level == _GGML_LOG_LEVEL_ERROR and text:
-            sys.stderr.write(text.decode(errors="replace"))
+        global _last_level
+        if level != _GGML_LOG_LEVEL_CONT:
+            _last_level = level
+        if _last_level >= _GGML_LOG_LEVEL_WARN and text:
+            line = text.decode(errors="replace").strip()
+            if line:
+                _recent.append(line)
 
     _log_callback = _cb
     mtmd.mtmd_log_set(_cb, None)
     mtmd.mtmd_helper_log_set(_cb, None)
+
+
+def _last_error() -> str:
+    """The most telling recent clip/mtmd log line ("Key not found: ...")."""
+    for line in reversed(_recent):
+        if "failed to load" in line and "': " in line:
+            return line.split("': ", 1)[1]
+    return _recent[-1] if _recent else ""
 
 
 class MtmdEngine(VisionEngine):
@@ -73,11 +91,13 @@ class MtmdEngine(VisionEngine):
         params.print_timings = False
         params.warmup = False
         params.n_threads = int(n_threads or os.cpu_count() or 1)
+        _recent.clear()
         self._ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llama_model, params)
         if not self._ctx:
+            why = _last_error()
             raise CorruptFileError(
-                f"llama.cpp (mtmd) cannot load projector {mmproj} for this model "
-                "(wrong projector for the language model, or an unsupported file)"
+                f"llama.cpp (mtmd) cannot load projector {mmproj}"
+                + (f": {why}" if why else " (wrong projector for this model, or unsupported)")
             )
         if not mtmd.mtmd_support_vision(self._ctx):
             self._close()
