@@ -63,6 +63,10 @@ def set_verbose(verbose: bool) -> None:
     C.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
 
 
+# Quiet from the start: llama-cpp-python's own callback prints every log line to stderr.
+C.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
+
+
 def recent_errors(n: int = 3) -> str:
     """The last few warning/error lines llama.cpp logged (to explain a failure)."""
     lines = [ln for ln in _recent_log if ln][-n:]
@@ -315,6 +319,8 @@ class Context:
         self.n_batch = int(C.llama_n_batch(ptr))
         self.n_ubatch = int(C.llama_n_ubatch(ptr))
         self.n_threads = int(C.llama_n_threads(ptr))
+        # one reusable single-token batch for generation (no allocation per token)
+        self._one = _Batch(0, tokens=np.zeros(1, dtype=np.int32), logits_last=True)
 
     def close(self) -> None:
         if self.ptr:
@@ -352,6 +358,14 @@ class Context:
 
     def decode_tokens(self, tokens: np.ndarray, start_pos: int, *, logits_last: bool) -> None:
         self._decode(_Batch(start_pos, tokens=tokens, logits_last=logits_last))
+
+    def decode_one(self, token: int, pos: int) -> None:
+        """Decode one token at ``pos`` with logits (the generation step)."""
+        one = self._one
+        assert one.tokens is not None
+        one.tokens[0] = token
+        one.pos[0] = pos
+        self._decode(one)
 
     def decode_embeddings(
         self, embd: np.ndarray, start_pos: int, *, logits_last: bool, non_causal: bool = False

@@ -634,7 +634,7 @@ class LoadedModel:
         if pos >= self.n_ctx:
             raise ContextOverflowError(pos + 1, self.n_ctx)
         try:
-            self.ctx.decode_tokens(np.array([token], dtype=np.int32), pos, logits_last=True)
+            self.ctx.decode_one(token, pos)
         except BaseException:
             self._sync()
             raise
