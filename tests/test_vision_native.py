@@ -272,3 +272,37 @@ def _rewrite_string(path: Path, key: str, old: str, new: str) -> None:
     assert v > 0
     data[v : v + len(old)] = new.encode()
     path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("ftype_name", "types"),
+    [("LLAMA_FTYPE_MOSTLY_Q4_K_M", {"Q4_K"}), ("LLAMA_FTYPE_MOSTLY_Q6_K", {"Q6_K"})],
+)
+def test_k_quants_from_llama_quantize(
+    lib, tmp_path: Path, ftype_name: str, types: set[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """K-quant mmproj files (made by llama.cpp's own quantizer) run with the weights as stored."""
+    import ctypes
+
+    import llama_cpp
+    from gguf import GGUFReader
+
+    spec = ClipSpec(hidden=256, n_ff=512, proj_hidden=256, n_embd_out=256)  # K-quant rows: 256
+    w = random_weights(spec, 2)
+    src = write_mmproj(tmp_path / "f32.gguf", spec, w)
+    dst = tmp_path / "kq.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = 2
+    params.ftype = getattr(llama_cpp, ftype_name)
+    assert (
+        llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        == 0
+    )
+    stored = {t.tensor_type.name for t in GGUFReader(dst).tensors}
+    assert types <= stored
+    px = _pixels(spec, 2)
+    with NativeVisionModel(lib, dst, device="cpu") as m:
+        out = m.encode(px)
+    # against the dequantized weights only ggml's q8_K rounding of activations remains
+    err = rel_l2(out, reference_embeddings(spec, _dequantized(dst, w), px))
+    assert err < 3e-2, f"{ftype_name}: {err:.2e}"
