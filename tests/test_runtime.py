@@ -253,6 +253,17 @@ def test_json_schema_format(text_model: LoadedModel) -> None:
     assert isinstance(value["count"], int) and isinstance(value["ok"], bool)
 
 
+def test_a_bad_grammar_is_a_user_error_and_changes_nothing(text_model: LoadedModel) -> None:
+    chat = text_model.session(params=SamplingParams(seed=0, max_tokens=3))
+    chat.ask("Hi")
+    before = [m.to_dict() for m in chat.messages]
+    with pytest.raises(UserError, match="sampler|grammar"):
+        list(chat.send("Hello", params=SamplingParams(grammar='root ::= "unterminated')))
+    assert [m.to_dict() for m in chat.messages] == before
+    assert not text_model.lock.locked()
+    assert isinstance(chat.ask("Still fine?"), Done)
+
+
 def test_reply_to_a_history_brought_by_a_request(text_model: LoadedModel) -> None:
     # what the HTTP API does: a fresh session per request, with the request's messages
     history = [

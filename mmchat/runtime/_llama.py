@@ -447,7 +447,10 @@ def build_sampler(
     try:
         if grammar is not None:
             clear_recent_errors()
-            chain.add(C.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root"))
+            smpl = C.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
+            if not smpl:
+                raise UserError("the grammar is not valid GBNF (with a rule named root)" + _why())
+            chain.add(smpl)
         if repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0:
             chain.add(
                 C.llama_sampler_init_penalties(

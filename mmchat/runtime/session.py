@@ -192,10 +192,11 @@ class ChatSession:
         t_call = time.perf_counter()
         model.lock.acquire()
         t_start = time.perf_counter()
-        self._cancel.clear()
         stats = Stats(load_ms=model.load_ms, queue_ms=(t_start - t_call) * 1000)
         added = False
+        chain: _llama.SamplerChain | None = None
         try:
+            chain = self._sampler(p)  # a bad grammar fails here, before anything changes
             if user is not None:
                 self.messages.append(user)
                 added = True
@@ -217,8 +218,11 @@ class ChatSession:
             stats.images_encoded = run.images_encoded
             stats.images_from_cache = run.images_from_cache
             stats.image_encode_ms = run.encode_ms
-            done = yield from self._generate(p, stats, t_start)
+            done = yield from self._generate(p, chain, stats, t_start, added)
         finally:
+            if chain is not None:
+                chain.close()
+            self._cancel.clear()
             model.lock.release()
         # yielded after the lock is released: a consumer that stops reading at Done (and
         # keeps the generator around) does not hold the model
@@ -270,13 +274,9 @@ class ChatSession:
             f"only {n_ctx} (shorten it or start with a larger context, e.g. --ctx)",
         )
 
-    def _generate(
-        self, p: SamplingParams, stats: Stats, t_start: float
-    ) -> Generator[Event, None, Done]:
-        model = self.model
-        grammar = grammar_for(p)
-        chain = _llama.build_sampler(
-            model.text,
+    def _sampler(self, p: SamplingParams) -> _llama.SamplerChain:
+        return _llama.build_sampler(
+            self.model.text,
             temperature=p.temperature,
             top_k=p.top_k,
             top_p=p.top_p,
@@ -286,8 +286,18 @@ class ChatSession:
             frequency_penalty=p.frequency_penalty,
             presence_penalty=p.presence_penalty,
             seed=seed_or_random(p.seed),
-            grammar=grammar,
+            grammar=grammar_for(p),
         )
+
+    def _generate(
+        self,
+        p: SamplingParams,
+        chain: _llama.SamplerChain,
+        stats: Stats,
+        t_start: float,
+        user_added: bool,
+    ) -> Generator[Event, None, Done]:
+        model = self.model
         reply = ReplyText(p.stop)
         pending: list[int] = []  # token ids whose text is not yet yielded
         reason: DoneReason = "stop"
@@ -332,8 +342,12 @@ class ChatSession:
             self.messages.append(Message("assistant", reply.shown, interrupted=True))
             self.last_stats = stats
             raise
-        finally:
-            chain.close()
+        except Exception:  # a failed decode: keep the history consistent with what was seen
+            if reply.shown or not user_added:
+                self.messages.append(Message("assistant", reply.shown, interrupted=True))
+            else:
+                self.messages.pop()
+            raise
         stats.eval_ms = busy * 1000
         stats.total_ms = (time.perf_counter() - t_start) * 1000
         stats.done_reason = reason
