@@ -225,6 +225,7 @@ def _text_kv(
         w.add_add_eos_token(vocab.add_eos)
         if vocab.chat_template:
             w.add_chat_template(vocab.chat_template)
+        w.add_bool("mmchat.tokenizer.legacy_spaces", plan.legacy_spaces)
 
     return add
 

@@ -162,6 +162,7 @@ def test_text_metadata_and_chat_templates() -> None:
     assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"]) == (1, 2)
     assert f["tokenizer.ggml.unknown_token_id"] == 0
     assert f["tokenizer.ggml.add_bos_token"] is True
+    assert f["mmchat.tokenizer.legacy_spaces"] is False  # llava-hf: legacy=False tokenizer
     tcfg = json.loads((fixture_dir("bakllava_hf") / "tokenizer_config.json").read_text())
     assert f["tokenizer.chat_template"] == tcfg["chat_template"]  # the checkpoint's own
     n_vocab = json.loads((fixture_dir("bakllava_hf") / "config.json").read_text())["text_config"][
@@ -170,6 +171,7 @@ def test_text_metadata_and_chat_templates() -> None:
     assert len(GGUFReader(model).fields["tokenizer.ggml.token_type"].data) == n_vocab
 
     orig, _ = converted("llava15_orig", "f32", "f32")
+    assert fields(orig)["mmchat.tokenizer.legacy_spaces"] is True  # chunked tokenization
     tmpl = fields(orig)["tokenizer.chat_template"]  # no template shipped: LLaVA's own format
     env = jinja2.Environment()
     msgs = [

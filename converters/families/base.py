@@ -88,6 +88,9 @@ class FamilyPlan:
     config_ids: dict[str, int | None]
     notes: list[str] = field(default_factory=list)
     vision_source: str = ""
+    # Whether text right after an image / special token starts with SentencePiece's "▁"
+    # in training (written as mmchat.tokenizer.legacy_spaces for the runtime).
+    legacy_spaces: bool = True
 
 
 class Family(Protocol):

@@ -21,6 +21,7 @@ from .base import (
     image_norm_from,
     llama_text_plan,
     mlp_projector_jobs,
+    read_json_opt,
 )
 
 # (embeddings, layer prefix, final norm, lm_head) of the language model
@@ -155,4 +156,7 @@ class LlavaHF:
             },
             notes=notes,
             vision_source="checkpoint",
+            # transformers' processor tokenizes the whole prompt with <image> as an added
+            # token; its "legacy" flag decides whether a "▁" follows special tokens
+            legacy_spaces=bool(read_json_opt(folder / "tokenizer_config.json").get("legacy", True)),
         )

@@ -147,6 +147,9 @@ class _Original:
             },
             notes=notes,
             vision_source=source,
+            # LLaVA's tokenizer_image_token tokenizes the text around the image chunk by
+            # chunk, so the text after the image starts with "▁"
+            legacy_spaces=True,
         )
 
 
