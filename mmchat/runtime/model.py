@@ -12,6 +12,7 @@ One request at a time: ``LoadedModel.lock`` is a FIFO lock; ``ChatSession.send``
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import time
@@ -173,7 +174,8 @@ class LoadedModel:
         self.path = path
         self.mmproj_path = mmproj_path
         self.options = options
-        self.info = info
+        # the header facts without gguf-py's reader (which keeps the whole file memory-mapped)
+        self.info = dataclasses.replace(info, _reader=None)
         self._text: _llama.TextModel | None = text
         self._ctx: _llama.Context | None = ctx
         self._vision = vision
