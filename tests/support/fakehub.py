@@ -13,7 +13,9 @@
 Faults to inject: ``corrupt`` (flip one byte of a file), ``drop_after`` (close the
 connection after N body bytes, for the next ``drop_times`` requests), ``missing`` (404 on
 download although listed), ``status`` (answer a status code), ``chunk_delay`` (throttle),
-``require_token``. Counters: ``requests`` (method, path, {lower-case header: value} for Range and
+``require_token``, ``ignore_range`` (answer 200 with the whole file), and
+``redirect_lfs_to`` (302 LFS downloads to another server, like the hub's CDN).
+Counters: ``requests`` (method, path, {lower-case header: value} for Range and
 Authorization) and ``bytes_served`` (body bytes per file name).
 
 Point huggingface_hub at it with ``Puller(endpoint=hub.url)``, with the
@@ -187,6 +189,8 @@ class FakeHub:
     status: dict[str, int] = field(default_factory=dict)
     chunk_delay: float = 0.0
     require_token: str | None = None
+    ignore_range: bool = False
+    redirect_lfs_to: str | None = None
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     bytes_served: Counter[str] = field(default_factory=Counter)
     _server: Any = None
@@ -388,6 +392,21 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(self.hub.status[filename], None, "injected failure")
             return
         etag = f.sha256 if f.lfs else f.git_oid
+        if f.lfs and self.hub.redirect_lfs_to:
+            # Like the real hub: LFS files live on a CDN; the redirect carries their metadata.
+            target = f"{self.hub.redirect_lfs_to}/{head}/resolve/{repo.commit}/{filename}"
+            self._send(
+                302,
+                b"",
+                {
+                    "Location": target,
+                    "ETag": f'"{f.git_oid}"',
+                    "X-Linked-Etag": f'"{f.sha256}"',
+                    "X-Linked-Size": str(f.size),
+                    "X-Repo-Commit": repo.commit,
+                },
+            )
+            return
         headers = {
             "ETag": f'"{etag}"',
             "X-Repo-Commit": repo.commit,
@@ -399,7 +418,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers["X-Linked-Size"] = str(f.size)
         start, end = 0, f.size
         code = 200
-        rng = self.headers.get("Range")
+        rng = None if self.hub.ignore_range else self.headers.get("Range")
         if rng and rng.startswith("bytes="):
             a, _, b = rng[len("bytes=") :].partition("-")
             start = int(a) if a else 0
