@@ -356,3 +356,14 @@ def test_hf_hub_download_works_against_the_fake_hub(
 
     path = hf_hub_download(BAK, MMPROJ, endpoint=hub.url, cache_dir=tmp_path)
     assert Path(path).read_bytes() == files["mmproj"]
+
+
+def test_pulling_a_local_model_says_so(
+    store: Store, hub: FakeHub, files: dict[str, bytes], tmp_path: Path
+) -> None:
+    f = tmp_path / "m.gguf"
+    f.write_bytes(files["text"])
+    store.register("mine", model=f)
+    with pytest.raises(UserError, match=r"mine:latest is a local model \(local\)"):
+        make_puller(store, hub).pull("mine")
+    assert hub.requests == []

@@ -144,6 +144,12 @@ class Puller:
         mname = parse_name(name) if isinstance(name, str) else name
         entry = self.registry.lookup(mname)
         if entry is None:
+            local = self.store.get(mname)
+            if local is not None:
+                kind = local.manifest.get("source", {}).get("type") or "local"
+                raise UserError(
+                    f"{mname.full} is a local model ({kind}); there is nothing to pull for it"
+                )
             known = sorted({n.split(":")[0] for n in self.registry.names()})
             raise NotFoundError(
                 f"Unknown model {mname.full!r}: not in the registry ({', '.join(known)}). "
