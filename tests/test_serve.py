@@ -62,7 +62,9 @@ def start_server(store: Store, *, api_key: str | None = None, **limits: Any) -> 
         store=store, load_options=LoadOptions(n_ctx=1024, n_threads=1), keep_alive_s=300
     )
     app = create_app(manager, api_key=api_key, limits=Limits(**limits))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on such sockets, and without
+    # it every response body waits ~40 ms behind its headers (Nagle + delayed ACK)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
