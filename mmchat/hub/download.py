@@ -375,8 +375,13 @@ class Downloader:
                     if not n:
                         pipe.give_back(buf)
                         break
-                    view = buf[:n]
-                    fh.write(view)
+                    try:
+                        fh.write(buf[:n])
+                    except OSError as exc:
+                        pipe.give_back(buf)
+                        raise UserError(
+                            f"Cannot write {rf.filename} to {fh.name}: {exc.strerror or exc}"
+                        ) from exc
                     pipe.submit(buf, n)
                     st.offset += n
                     pending += n
