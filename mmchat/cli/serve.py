@@ -137,10 +137,10 @@ def serve(
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mmchat.server").setLevel(logging.INFO if verbose else logging.WARNING)
-    sock = open_socket(host, port)
     warning = bind_warning(host, key)
     if warning:
         print_warning(warning)
+    sock = open_socket(host, port)
     url = _url(sock)
     out.print(
         f"mmchat is listening on {url} (Ollama API: {url}/api, OpenAI API: {url}/v1"

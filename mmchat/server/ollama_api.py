@@ -507,7 +507,7 @@ async def pull(req: S.OllamaPullRequest, request: Request) -> Response:
             rec = puller.pull(plan)
             put({"status": "verifying sha256 digest"})
             put({"status": "writing manifest"})
-            state.manager.unload(rec.name)  # a loaded older version is replaced on next use
+            del rec  # a loaded older version is replaced on its next use (its id differs)
             put({"status": "success"})
         except BaseException as exc:
             put(exc)
