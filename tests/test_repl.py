@@ -479,3 +479,17 @@ def test_plain_stream_when_not_a_terminal() -> None:
     stream.feed("**not rendered**")
     stream.finish()
     assert buf.getvalue() == "**not rendered**\n"
+
+
+def test_control_characters_never_reach_the_terminal() -> None:
+    buf = io.StringIO()
+    console = Console(file=buf, width=60, force_terminal=True)
+    stream = make_stream(console, markdown=False, wordwrap=False)
+    stream.feed("a\x1b[2Jb\x07c\td\n")
+    stream.finish()
+    assert buf.getvalue() == "a[2Jbc\td\n"
+    piped = io.StringIO()
+    stream = make_stream(Console(file=piped), markdown=False, wordwrap=False)
+    stream.feed("raw\x1b")
+    stream.finish()
+    assert piped.getvalue() == "raw\x1b\n"  # not a terminal: the reply as it is

@@ -6,8 +6,8 @@
 - History is kept in ``MMCHAT_HOME/history`` across sessions.
 - Tab completes file paths (with spaces escaped as a terminal's drag-and-drop does) and
   slash commands.
-- Ctrl-C at the prompt clears the line; during a reply it stops the reply (see ``Chat.send``).
-  Ctrl-D on an empty line exits.
+- Ctrl-C at the prompt clears the line (on an empty line it says how to exit); during a
+  reply it stops the reply (see ``Chat.send``). Ctrl-D on an empty line exits.
 - After an error nothing is sent and the typed text comes back for editing.
 """
 
@@ -166,6 +166,14 @@ def _key_bindings() -> KeyBindings:
     def _newline(event: KeyPressEvent) -> None:
         event.current_buffer.insert_text("\n")
 
+    @kb.add("c-c")
+    def _interrupt(event: KeyPressEvent) -> None:
+        buf = event.current_buffer
+        if buf.text:
+            buf.reset()
+        else:
+            event.app.exit(exception=KeyboardInterrupt())
+
     return kb
 
 
@@ -200,9 +208,8 @@ def run_repl(
     while True:
         try:
             line = session.prompt(PROMPT, default=default, placeholder=PLACEHOLDER)
-        except KeyboardInterrupt:
-            if not default:
-                chat.note("Use Ctrl + d or /bye to exit.")
+        except KeyboardInterrupt:  # Ctrl-C on an empty line (with text it clears the line)
+            chat.note("Use Ctrl + d or /bye to exit.")
             default = ""
             continue
         except EOFError:

@@ -1,8 +1,10 @@
 """How a streamed reply is shown.
 
 - ``PlainStream``: tokens written as they come. With ``wordwrap`` (on a terminal) a word that
-  would cross the right edge starts a new line instead of being split. When stdout is not a
-  terminal nothing but the reply's own text is written (no escape codes).
+  would cross the right edge starts a new line instead of being split. On a terminal,
+  control characters in the reply are dropped (a model could emit escape sequences); when
+  stdout is not a terminal the reply's own text is written as it is, with no escape codes
+  added.
 - ``MarkdownStream``: Markdown rendered live with rich. The reply is re-rendered as it grows;
   lines that have scrolled above the live window are printed for good and the last screenful
   stays live, so long replies neither flicker nor get duplicated.
@@ -13,12 +15,21 @@
 from __future__ import annotations
 
 import io
+import re
 import time
 from typing import IO, Any, Protocol, cast
 
 from rich.console import Console
 from rich.markdown import Markdown
 from rich.text import Text
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` without control characters (escape sequences, bells, backspaces...) that a
+    model could emit and that would move the cursor or change the terminal's state."""
+    return _CONTROL.sub("", text)
 
 
 class ReplyStream(Protocol):
@@ -78,8 +89,11 @@ class WordWrapper:
 class PlainStream:
     """The reply as plain text, written straight to ``file``."""
 
-    def __init__(self, file: IO[str], *, wordwrap_width: int | None = None) -> None:
+    def __init__(
+        self, file: IO[str], *, wordwrap_width: int | None = None, sanitize: bool = False
+    ) -> None:
         self.file = file
+        self.sanitize = sanitize
         self.wrapper = WordWrapper(wordwrap_width) if wordwrap_width else None
         self.ended_with_newline = True
         self.wrote = False
@@ -93,6 +107,8 @@ class PlainStream:
         self.ended_with_newline = text.endswith("\n")
 
     def feed(self, text: str) -> None:
+        if self.sanitize:
+            text = terminal_safe(text)
         self._write(self.wrapper.feed(text) if self.wrapper else text)
 
     def finish(self) -> None:
@@ -151,7 +167,7 @@ class MarkdownStream:
         self.live.update(Text.from_ansi("\n".join(lines[self.printed :])), refresh=True)
 
     def feed(self, text: str) -> None:
-        self.text += text
+        self.text += terminal_safe(text)
         now = time.monotonic()
         if now - self._last >= self.min_interval:
             self._last = now
@@ -174,7 +190,7 @@ def make_stream(
     if markdown and console.is_terminal:
         return MarkdownStream(console)
     width = console.width if (wordwrap and console.is_terminal) else None
-    return PlainStream(file or console.file, wordwrap_width=width)
+    return PlainStream(file or console.file, wordwrap_width=width, sanitize=console.is_terminal)
 
 
 def format_stats(stats: Any) -> list[str]:
