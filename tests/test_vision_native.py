@@ -306,3 +306,18 @@ def test_k_quants_from_llama_quantize(
     # against the dequantized weights only ggml's q8_K rounding of activations remains
     err = rel_l2(out, reference_embeddings(spec, _dequantized(dst, w), px))
     assert err < 3e-2, f"{ftype_name}: {err:.2e}"
+
+
+def test_fused_and_explicit_attention_agree(lib, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    spec = SPECS["gelu_mlp_norm"]
+    w = random_weights(spec, 4)
+    path = write_mmproj(tmp_path / "m.gguf", spec, w)
+    px = _pixels(spec, 3)
+    ref = reference_embeddings(spec, w, px)
+    with NativeVisionModel(lib, path, device="cpu", max_batch=2) as fused:
+        assert fused.info.flash_attn  # the CPU backend runs it on f32 K/V
+        a = fused.encode(px)
+    with NativeVisionModel(lib, path, device="cpu", max_batch=2, flash_attn=False) as plain:
+        assert not plain.info.flash_attn
+        b = plain.encode(px)
+    assert rel_l2(a, ref) < 1e-5 and rel_l2(b, ref) < 1e-5

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mmchat.settings import load_settings
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 if sys.platform == "darwin":
     LIBRARY_NAME = "libmmvision.dylib"
@@ -28,7 +28,7 @@ class NativeUnavailableError(RuntimeError):
 
 
 class _DeviceInfoStruct(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012  (ctypes declaration)
+    _fields_ = [
         ("name", ctypes.c_char * 128),
         ("description", ctypes.c_char * 256),
         ("backend", ctypes.c_char * 64),

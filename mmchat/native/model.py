@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 from dataclasses import dataclass
@@ -30,10 +31,11 @@ MMV_ERR_BACKEND = 5
 MMV_ERR_OUT_OF_MEMORY = 6
 
 MMV_FLAG_FAST_ACTIVATIONS = 1
+MMV_FLAG_NO_FLASH_ATTN = 2
 
 
 class ModelParams(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012  (ctypes declaration)
+    _fields_ = [
         ("device", ctypes.c_char_p),
         ("n_threads", ctypes.c_int32),
         ("expected_n_embd", ctypes.c_int32),
@@ -43,7 +45,7 @@ class ModelParams(ctypes.Structure):
 
 
 class _ModelInfoStruct(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012  (ctypes declaration)
+    _fields_ = [
         ("projector_type", ctypes.c_char * 32),
         ("device", ctypes.c_char * 128),
         ("image_size", ctypes.c_int32),
@@ -59,6 +61,7 @@ class _ModelInfoStruct(ctypes.Structure):
         ("image_mean", ctypes.c_float * 3),
         ("image_std", ctypes.c_float * 3),
         ("eps", ctypes.c_float),
+        ("flash_attn", ctypes.c_int32),
     ]
 
 
@@ -118,6 +121,7 @@ class ModelInfo:
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
     eps: float
+    flash_attn: bool
 
 
 class NativeVisionModel:
@@ -133,6 +137,7 @@ class NativeVisionModel:
         expected_n_embd: int | None = None,
         max_batch: int = 1,
         fast_activations: bool = False,
+        flash_attn: bool = True,
     ) -> None:
         self._library = library  # keep the CDLL alive as long as the model
         self._lib = library.lib
@@ -142,9 +147,13 @@ class NativeVisionModel:
         params.n_threads = int(n_threads or 0)
         params.expected_n_embd = int(expected_n_embd or 0)
         params.max_batch = max(1, int(max_batch))
-        params.flags = MMV_FLAG_FAST_ACTIVATIONS if fast_activations else 0
+        params.flags = (MMV_FLAG_FAST_ACTIVATIONS if fast_activations else 0) | (
+            0 if flash_attn else MMV_FLAG_NO_FLASH_ATTN
+        )
         handle = ctypes.c_void_p()
-        status = self._lib.mmv_model_load(str(path).encode(), ctypes.byref(params), ctypes.byref(handle))
+        status = self._lib.mmv_model_load(
+            str(path).encode(), ctypes.byref(params), ctypes.byref(handle)
+        )
         if status != MMV_OK:
             raise NativeError(status, library.last_error())
         self._handle: ctypes.c_void_p | None = handle
@@ -166,6 +175,7 @@ class NativeVisionModel:
             image_mean=(info.image_mean[0], info.image_mean[1], info.image_mean[2]),
             image_std=(info.image_std[0], info.image_std[1], info.image_std[2]),
             eps=info.eps,
+            flash_attn=bool(info.flash_attn),
         )
 
     def _check(self, status: int) -> None:
@@ -217,7 +227,5 @@ class NativeVisionModel:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass

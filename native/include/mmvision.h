@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define MMV_ABI_VERSION 2
+#define MMV_ABI_VERSION 3
 
 typedef enum mmv_status {
     MMV_OK = 0,
@@ -91,6 +91,9 @@ typedef struct mmv_model_params {
 /* Use ggml's fast table/approximate activations (as llama.cpp mtmd does) instead of the
    exact erf-GELU / sigmoid-based quick-GELU. Faster on CPU, error ~1e-3. */
 #define MMV_FLAG_FAST_ACTIVATIONS 1
+/* Never use the fused flash-attention op (by default it is used where the device runs it
+   on f32 K/V, which is exact; the CPU does). */
+#define MMV_FLAG_NO_FLASH_ATTN 2
 
 typedef struct mmv_model_info {
     char    projector_type[32];  /* "mlp" or "mlp_norm" */
@@ -108,6 +111,7 @@ typedef struct mmv_model_info {
     float   image_mean[3];
     float   image_std[3];
     float   eps;
+    int32_t flash_attn;          /* 1 when the graph uses the fused attention op */
 } mmv_model_info;
 
 MMV_API mmv_model_params mmv_model_default_params(void);

@@ -97,13 +97,21 @@ Graph build_graph(mmv_model & m, int32_t batch) {
         ggml_tensor * v = linear(ctx, cur, L.v_w, L.v_b);
         q = ggml_permute(ctx, ggml_reshape_4d(ctx, q, DH, NH, NPOS, B), 0, 2, 1, 3);  // [DH, NPOS, NH, B]
         k = ggml_permute(ctx, ggml_reshape_4d(ctx, k, DH, NH, NPOS, B), 0, 2, 1, 3);
-        v = ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_4d(ctx, v, DH, NH, NPOS, B), 1, 2, 0, 3));  // [NPOS, DH, NH, B]
 
-        ggml_tensor * kq = ggml_mul_mat(ctx, k, q);  // [NPOS_k, NPOS_q, NH, B]
-        kq = ggml_soft_max_ext(ctx, kq, nullptr, kq_scale, 0.0f);
-        ggml_tensor * kqv = ggml_mul_mat(ctx, v, kq);  // [DH, NPOS_q, NH, B]
-        kqv = ggml_permute(ctx, kqv, 0, 2, 1, 3);      // [DH, NH, NPOS, B]
-        cur = ggml_cont_3d(ctx, kqv, H, NPOS, B);
+        if (m.flash_attn) {
+            // fused attention on f32 K/V (exact; the CPU kernel avoids materialising KQ)
+            ggml_tensor * vf = ggml_permute(ctx, ggml_reshape_4d(ctx, v, DH, NH, NPOS, B), 0, 2, 1, 3);
+            ggml_tensor * fa = ggml_flash_attn_ext(ctx, q, k, vf, nullptr, kq_scale, 0.0f, 0.0f);
+            ggml_prec_set_acc(fa, GGML_PREC_F32);
+            cur = ggml_reshape_3d(ctx, fa, H, NPOS, B);  // fa: [DH, NH, NPOS, B]
+        } else {
+            ggml_tensor * vt = ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_4d(ctx, v, DH, NH, NPOS, B), 1, 2, 0, 3));
+            ggml_tensor * kq = ggml_mul_mat(ctx, k, q);  // [NPOS_k, NPOS_q, NH, B]
+            kq = ggml_soft_max_ext(ctx, kq, nullptr, kq_scale, 0.0f);
+            ggml_tensor * kqv = ggml_mul_mat(ctx, vt, kq);  // [DH, NPOS_q, NH, B]
+            kqv = ggml_permute(ctx, kqv, 0, 2, 1, 3);       // [DH, NH, NPOS, B]
+            cur = ggml_cont_3d(ctx, kqv, H, NPOS, B);
+        }
         cur = linear(ctx, cur, L.o_w, L.o_b);
         x = ggml_add(ctx, x, cur);
 
@@ -168,7 +176,23 @@ mmv_status build_and_reserve(mmv_model & m) {
     m.sched.reset(ggml_backend_sched_new(backends.data(), nullptr, static_cast<int>(backends.size()),
                                          m.graph_size, false, true));
     if (!m.sched) return fail(MMV_ERR_BACKEND, "cannot create the ggml scheduler");
+    // Fused attention when the device runs it on f32 K/V (the CPU does); else the explicit
+    // KQ / softmax / KQV path, which every backend supports.
+    m.flash_attn = !m.hp.no_flash_attn;
     Graph g = build_graph(m, m.max_batch);
+    if (m.flash_attn) {
+        for (int i = 0; i < ggml_graph_n_nodes(g.gf); ++i) {
+            ggml_tensor * node = ggml_graph_node(g.gf, i);
+            if (node->op == GGML_OP_FLASH_ATTN_EXT && !ggml_backend_supports_op(m.backend.get(), node)) {
+                m.flash_attn = false;
+                break;
+            }
+        }
+        if (!m.flash_attn) {
+            g = Graph();  // release the first graph before reusing its metadata buffer
+            g = build_graph(m, m.max_batch);
+        }
+    }
     if (!ggml_backend_sched_reserve(m.sched.get(), g.gf)) {
         return fail(MMV_ERR_OUT_OF_MEMORY, "not enough memory on " + m.device_name + " for a batch of " +
                                                std::to_string(m.max_batch) + " image(s)");

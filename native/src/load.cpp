@@ -294,6 +294,7 @@ class Loader {
             throw Error(MMV_ERR_UNSUPPORTED, "clip.use_silu is not a CLIP/LLaVA activation");
         }
         hp_.fast_activations = (params_.flags & MMV_FLAG_FAST_ACTIVATIONS) != 0;
+        hp_.no_flash_attn = (params_.flags & MMV_FLAG_NO_FLASH_ATTN) != 0;
 
         auto mean = k.get_float_array("clip.vision.image_mean");
         auto stdv = k.get_float_array("clip.vision.image_std");
@@ -624,6 +625,7 @@ mmv_status mmv_model_get_info(const mmv_model * model, mmv_model_info * out) {
         out->image_std[i] = hp.image_std[i];
     }
     out->eps = hp.eps;
+    out->flash_attn = model->flash_attn ? 1 : 0;
     return MMV_OK;
 }
 

@@ -72,6 +72,7 @@ struct Hparams {
     bool legacy_layout = false;
     bool ffn_swapped = false;
     bool fast_activations = false;
+    bool no_flash_attn = false;
 
     int32_t grid() const { return image_size / patch_size; }
     int32_t n_patches() const { return grid() * grid(); }
@@ -113,6 +114,7 @@ struct mmv_model {
     mmv::sched_ptr sched;
     int32_t n_threads = 1;
     int32_t max_batch = 1;
+    bool flash_attn = false;  // decided by build_and_reserve
     size_t graph_size = 0;
     std::vector<uint8_t> graph_meta;  // scratch memory for graph-building contexts
     std::vector<float> patches;       // host im2col scratch
