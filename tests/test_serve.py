@@ -222,6 +222,28 @@ def test_ollama_list_show_ps(live: LiveServer) -> None:
     assert p.expires_at is not None and p.expires_at.timestamp() > time.time() + 60
 
 
+def test_the_image_embedding_cache_is_shared_across_requests(live: LiveServer) -> None:
+    client = live.ollama()
+    image = IMAGES / "portrait.png"
+
+    def go(system: str) -> None:
+        client.chat(
+            model="tiny",
+            messages=[
+                {"role": "system", "content": system},
+                {"role": "user", "content": "And this one?", "images": [str(image)]},
+            ],
+            options=GREEDY,
+        )
+
+    go("First request.")
+    entry = next(e for e in live.manager.loaded() if e.name == "tiny:latest")
+    before = entry.model.vision.encode_count
+    go("Another request, with another system prompt in front of the image.")
+    # the KV cache could not be reused up to the image, yet it was not encoded again
+    assert entry.model.vision.encode_count == before
+
+
 def test_ollama_version_and_root(live: LiveServer) -> None:
     from mmchat import __version__
 

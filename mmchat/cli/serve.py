@@ -96,6 +96,9 @@ def serve(
     ctx: int = typer.Option(
         None, "--ctx", help="Context size for loaded models (a request's num_ctx wins)."
     ),
+    threads: int = typer.Option(
+        None, "--threads", help="CPU threads per model (default: llama.cpp's choice)."
+    ),
     max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body (MiB)."),
     max_images: int = typer.Option(16, "--max-images", help="Most images in one request."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request."),
@@ -121,7 +124,7 @@ def serve(
         keep = parse_keep_alive(keep_alive, settings.keep_alive_s)
     except ApiError as exc:
         raise UserError(f"--keep-alive: {exc.message}") from None
-    options = LoadOptions(n_ctx=ctx)
+    options = LoadOptions(n_ctx=ctx, n_threads=threads)
     options.validate()
     limits = Limits(
         max_body_bytes=int(max_body_mb * 1024 * 1024),

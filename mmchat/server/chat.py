@@ -87,8 +87,11 @@ class Generation:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     def _run(self) -> None:
+        from mmchat.runtime import Done
+
         lease: Lease | None = None
         prepared: Prepared | None = None
+        done: Done | None = None
         try:
             prepared = self.prepare()
             self.prepared = prepared
@@ -112,6 +115,9 @@ class Generation:
             reply = session.reply(params=prepared.params)
             try:
                 for event in reply:
+                    if isinstance(event, Done):  # sent once the model is released (below)
+                        done = event
+                        continue
                     self._put(event)
                     if self._stop.is_set():
                         break
@@ -131,6 +137,10 @@ class Generation:
                     self.manager.release(lease, keep)
                 except Exception:  # pragma: no cover
                     log.exception("releasing the model failed")
+            # The reply's last event goes out only now: a client that saw it can rely on the
+            # model being free again (and unloaded already, with keep_alive 0).
+            if done is not None:
+                self._put(done)
             self._put(_End())
 
     # ------------------------------------------------------------------ loop side

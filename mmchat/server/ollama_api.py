@@ -10,7 +10,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -56,7 +56,7 @@ ROLES = ("system", "user", "assistant")
 
 
 def _messages(
-    raw: list[tuple[str, str, list[str]]], state: ServerState, record: Any
+    raw: Sequence[tuple[str, str, list[str]]], state: ServerState, record: Any
 ) -> tuple[str | None, list[Any]]:
     """(role, content, base64 images) triples → (system prompt, runtime messages)."""
     from mmchat.runtime import Message

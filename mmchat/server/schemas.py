@@ -42,7 +42,7 @@ OllamaFormat = Literal["", "json"] | dict[str, Any] | None
 
 
 class OllamaMessage(_Lenient):
-    role: str = Field(..., description="system, user or assistant")
+    role: Literal["system", "user", "assistant"]
     content: str | None = ""
     images: list[str] | None = Field(None, description="base64-encoded image bytes")
 
@@ -202,7 +202,7 @@ class ContentPart(_Lenient):
 
 
 class OpenAIMessage(_Lenient):
-    role: str = Field(..., description="system, developer, user or assistant")
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
