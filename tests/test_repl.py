@@ -267,6 +267,22 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session(
     assert not chat.session.messages[-1].interrupted
 
 
+def test_context_overflow_drops_the_oldest_turns_and_says_so(
+    files: tuple[Path, Path], screen: Screen
+) -> None:
+    from mmchat.runtime import LoadOptions, SamplingParams, load_model
+
+    with load_model(files[0], None, LoadOptions(n_ctx=256, n_threads=1, n_gpu_layers=0)) as m:
+        chat = make_chat(m, screen)
+        chat.session.params = SamplingParams(seed=1, max_tokens=8)
+        chat.handle("/set system be brief")
+        for i in range(8):
+            assert chat.handle(f"question number {i} about something or other") is Outcome.OK
+        assert "The conversation is longer than the context (256 tokens): dropped" in screen.text
+        assert chat.session.system == "be brief"
+        assert len(chat.session.messages) == 16  # the history keeps every turn
+
+
 def test_same_seed_same_reply(model: object, screen: Screen) -> None:
     from mmchat.runtime import SamplingParams
 
@@ -420,8 +436,9 @@ def test_load_switches_model_and_keeps_text_history(
         def close(self) -> None:
             opened.append("closed")
 
-    def opener(ref: str) -> tuple[ModelSource, object]:
+    def opener(ref: str, mmproj: str | None) -> tuple[ModelSource, object]:
         opened.append(ref)
+        assert mmproj is None
         return ModelSource(ref, files[0], None), Borrowed(text_model)
 
     chat = make_chat(Borrowed(model), screen, opener=opener)

@@ -207,6 +207,12 @@ def test_text_only_model_cannot_see_images(
     term.clear_line()
     term.send("hello")
     term.prompt()
+    # switch to the same model with its projector: the conversation is kept
+    term.send(f"/load {files[0]} {files[1]}")
+    term.expect(f"Loaded {files[0].name} (with vision, 2 messages kept)")
+    term.send("what is smile.png")
+    term.expect("Added image 'smile.png' (64×40")
+    term.prompt()
     term.send("/exit")
     assert term.close() == 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ def run(
     ),
     prompt: list[str] | None = typer.Argument(
         None,
-        metavar="[PROMPT]...",
+        metavar="PROMPT",
         help="Answer this prompt and exit (image paths in it are attached).",
         show_default=False,
     ),
@@ -106,7 +107,9 @@ def run(
 
     try:
         source = loader.resolve_model(model, mmproj=mmproj, console=err)
+        t_load = time.perf_counter()
         loaded = loader.load(source, options, console=err)
+        load_ms = (time.perf_counter() - t_load) * 1000  # llama.cpp's start-up included
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     try:
@@ -117,8 +120,8 @@ def run(
                 f"load duration:        {loaded.load_ms:.1f} ms", style="dim", highlight=False
             )
 
-        def opener(ref: str) -> tuple[loader.ModelSource, Any]:
-            src = loader.resolve_model(ref, console=err)
+        def opener(ref: str, mm: str | None) -> tuple[loader.ModelSource, Any]:
+            src = loader.resolve_model(ref, mmproj=Path(mm) if mm else None, console=err)
             return src, loader.load(src, options, console=err)
 
         chat = Chat(

@@ -20,10 +20,10 @@ from rich.console import Console
 from mmchat.errors import UserError
 from mmchat.repl.imagepaths import ImageMention, find_images
 from mmchat.repl.render import format_stats, make_stream
-from mmchat.runtime.events import ContextTrimmed, Done, Token
 
 if TYPE_CHECKING:
     from mmchat.repl.loader import ModelSource
+    from mmchat.runtime.events import Done
     from mmchat.runtime.model import LoadedModel
     from mmchat.runtime.options import LoadOptions
     from mmchat.runtime.session import ChatSession
@@ -54,8 +54,8 @@ class Attached:
     tokens: int
 
 
-ModelOpener = Callable[[str], "tuple[ModelSource, LoadedModel]"]
-"""Loads a model by name or path for ``/load`` (set by the CLI)."""
+ModelOpener = Callable[[str, "str | None"], "tuple[ModelSource, LoadedModel]"]
+"""Loads a model by name or path (and an optional mmproj path) for ``/load``."""
 
 
 @dataclass
@@ -191,6 +191,8 @@ class Chat:
 
     def send(self, text: str, attached: list[Attached]) -> Outcome:
         """Send a message and stream the reply. Ctrl-C stops the reply, keeps the session."""
+        from mmchat.runtime.events import ContextTrimmed, Done, Token
+
         images = [a.image for a in attached]
         try:
             events = self.session.send(text, images)
@@ -240,10 +242,10 @@ class Chat:
 
     # -- model switching (``/load``) --
 
-    def switch_model(self, ref: str) -> None:
+    def switch_model(self, ref: str, mmproj: str | None = None) -> None:
         if self.opener is None:
             raise UserError("/load is not available here")
-        source, model = self.opener(ref)
+        source, model = self.opener(ref, mmproj)
         old_model, old_session = self.model, self.session
         session = model.session(system=old_session.system, params=old_session.params)
         data = old_session.export()

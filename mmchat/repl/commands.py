@@ -316,11 +316,12 @@ def _clear(chat: Chat, arg: str) -> Outcome:
     return Outcome.OK
 
 
-@command("/load", "/load MODEL", "switch to another model, keeping the conversation")
+@command("/load", "/load MODEL [MMPROJ]", "switch to another model, keeping the conversation")
 def _load(chat: Chat, arg: str) -> Outcome:
-    if not arg:
-        raise UserError("usage: /load MODEL (a store name or a .gguf path)")
-    chat.switch_model(arg)
+    parts = _split_args(arg)
+    if not parts or len(parts) > 2:
+        raise UserError("usage: /load MODEL [MMPROJ] (a store name, or a .gguf path)")
+    chat.switch_model(parts[0], parts[1] if len(parts) > 1 else None)
     return Outcome.OK
 
 

@@ -20,7 +20,6 @@ import time
 from typing import IO, Any, Protocol, cast
 
 from rich.console import Console
-from rich.markdown import Markdown
 from rich.text import Text
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -142,6 +141,8 @@ class MarkdownStream:
         self.live.start()
 
     def _lines(self) -> list[str]:
+        from rich.markdown import Markdown
+
         buf = io.StringIO()
         cap = Console(
             file=buf,
