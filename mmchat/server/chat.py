@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,12 @@ from starlette.requests import Request
 from mmchat.server.models import UNSET, KeepAlive, Lease, ModelManager
 
 log = logging.getLogger("mmchat.server")
+
+# The threads that run requests (reused: starting a thread per request costs the event loop
+# a wait for the thread to start). A request holds one while it waits for its model, so
+# this also bounds how many requests can queue inside the server at once.
+MAX_WORKERS = 64
+WORKERS = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="mmchat-request")
 
 
 @dataclass
@@ -66,6 +73,8 @@ Item = Any  # Token | ContextTrimmed | Done | Loaded | BaseException | _End
 class Generation:
     manager: ModelManager
     prepare: Callable[[], Prepared]
+    stream: bool = True
+    """False: only the final ``Done`` crosses to the event loop, not every token."""
     t_start: float = field(default_factory=time.perf_counter)
     prepared: Prepared | None = None
     load_ms: float = 0.0
@@ -79,7 +88,7 @@ class Generation:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
-        threading.Thread(target=self._run, name="mmchat-request", daemon=True).start()
+        WORKERS.submit(self._run)
 
     def _put(self, item: Item) -> None:
         assert self._loop is not None and self._queue is not None
@@ -117,6 +126,8 @@ class Generation:
                 for event in reply:
                     if isinstance(event, Done):  # sent once the model is released (below)
                         done = event
+                        continue
+                    if not self.stream:
                         continue
                     self._put(event)
                     if self._stop.is_set():

@@ -225,7 +225,7 @@ def _line(obj: dict[str, Any]) -> bytes:
 )
 async def chat(req: S.OllamaChatRequest, request: Request) -> Response:
     state = state_of(request)
-    gen = Generation(state.manager, _chat_prepare(req, state))
+    gen = Generation(state.manager, _chat_prepare(req, state), stream=req.stream)
 
     def loaded(item: Loaded) -> dict[str, Any]:
         return {
@@ -254,7 +254,7 @@ async def chat(req: S.OllamaChatRequest, request: Request) -> Response:
 )
 async def generate(req: S.OllamaGenerateRequest, request: Request) -> Response:
     state = state_of(request)
-    gen = Generation(state.manager, _generate_prepare(req, state))
+    gen = Generation(state.manager, _generate_prepare(req, state), stream=req.stream)
 
     def loaded(item: Loaded) -> dict[str, Any]:
         return {

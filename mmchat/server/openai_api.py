@@ -164,7 +164,7 @@ async def chat_completions(req: S.ChatCompletionRequest, request: Request) -> Re
 
     state = state_of(request)
     path = request.url.path
-    gen = Generation(state.manager, _prepare(req, state))
+    gen = Generation(state.manager, _prepare(req, state), stream=bool(req.stream))
     gen.start()
     first = await gen.next(request)
     if is_end(first):
