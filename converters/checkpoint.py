@@ -254,7 +254,8 @@ def find_weight_files(folder: Path, *, prefix: str = "model") -> list[Path]:
     single_bin = folder / "pytorch_model.bin"
     if single_bin.is_file():
         return [single_bin]
-    bins = sorted(folder.glob("*.bin"))
+    # only weight shards: training_args.bin and friends are not state dicts
+    bins = sorted(folder.glob("pytorch_model*.bin"))
     if bins:
         return bins
     raise UserError(f"No weights (*.safetensors or pytorch_model*.bin) found in {folder}")
