@@ -230,6 +230,23 @@ def _text_kv(
     return add
 
 
+def _add_value(w: GGUFWriter, key: str, value: Any) -> None:
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    elif isinstance(value, (list, tuple)) and all(isinstance(x, int) for x in value):
+        w.add_array(key, [int(x) for x in value])
+    elif isinstance(value, (list, tuple)) and all(isinstance(x, (int, float)) for x in value):
+        w.add_array(key, [float(x) for x in value])
+    else:
+        raise TypeError(f"cannot write metadata {key!r} of type {type(value).__name__}")
+
+
 def _vision_kv(
     plan: FamilyPlan, name: str, vq: GGMLQuantizationType
 ) -> Callable[[GGUFWriter], None]:
@@ -262,6 +279,8 @@ def _vision_kv(
         # LLaVA reads hidden_states[select_layer]; with this key llama.cpp runs exactly the
         # blocks before it and (as v.post_ln is not written) applies no post-layernorm.
         w.add_array("clip.vision.feature_layer", [int(v.feature_layer)])
+        for key, value in plan.vision_kv:
+            _add_value(w, key, value)
 
     return add
 

@@ -91,6 +91,10 @@ class FamilyPlan:
     # Whether text right after an image / special token starts with SentencePiece's "▁"
     # in training (written as mmchat.tokenizer.legacy_spaces for the runtime).
     legacy_spaces: bool = True
+    # Extra mmproj metadata a family adds (e.g. LLaVA 1.6's grid pinpoints), written after
+    # the standard clip.* keys: str -> string, bool -> bool, int -> uint32, float ->
+    # float32, list of ints -> int32 array, list of floats -> float32 array.
+    vision_kv: list[tuple[str, Any]] = field(default_factory=list)
 
 
 class Family(Protocol):
