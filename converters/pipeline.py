@@ -73,7 +73,7 @@ class ConversionResult:
 
         table = Table(title=f"Converted {self.name} in {self.seconds:.1f} s", title_justify="left")
         table.add_column("part")
-        table.add_column("file")
+        table.add_column("file", overflow="fold")
         table.add_column("tensors", justify="right")
         table.add_column("size", justify="right")
         table.add_column("types")

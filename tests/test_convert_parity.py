@@ -134,3 +134,21 @@ def test_bin_checkpoint_converts_with_torch(tmp_path: Path) -> None:
         vision_tower=CLIP_TOWER,
     )
     assert res.model_path.is_file() and res.mmproj_path.is_file()
+
+
+def test_tokenizer_json_only(tmp_path: Path) -> None:
+    """Without tokenizer.model, the byte-fallback BPE tokenizer.json gives the same ids."""
+    import shutil
+
+    from mmchat.converters import convert
+
+    src = tmp_path / "src"
+    shutil.copytree(fixture_dir("llava15_hf"), src)
+    (src / "tokenizer.model").unlink()
+    res = convert(src, outdir=tmp_path / "out", quant="f32", vision_quant="f32")
+    meta, arrays = goldens("llava15_hf")
+    with LlamaText(res.model_path) as llm:
+        for s in meta["tokenizer"]["strings"]:
+            assert llm.tokenize(s["text"]) == [int(x) for x in arrays[s["key"] + ".sp_ids"]]
+        _key, ids, ref = text_cases("llava15_hf")[0]
+        assert rel_l2(llm.last_logits(ids), ref) < 1e-3
