@@ -30,7 +30,7 @@ MMV_ERR_UNSUPPORTED = 4
 MMV_ERR_BACKEND = 5
 MMV_ERR_OUT_OF_MEMORY = 6
 
-MMV_FLAG_FAST_ACTIVATIONS = 1
+MMV_FLAG_FAST_MATH = 1
 MMV_FLAG_NO_FLASH_ATTN = 2
 
 
@@ -136,7 +136,7 @@ class NativeVisionModel:
         n_threads: int | None = None,
         expected_n_embd: int | None = None,
         max_batch: int = 1,
-        fast_activations: bool = False,
+        fast_math: bool = False,
         flash_attn: bool = True,
     ) -> None:
         self._library = library  # keep the CDLL alive as long as the model
@@ -147,7 +147,7 @@ class NativeVisionModel:
         params.n_threads = int(n_threads or 0)
         params.expected_n_embd = int(expected_n_embd or 0)
         params.max_batch = max(1, int(max_batch))
-        params.flags = (MMV_FLAG_FAST_ACTIVATIONS if fast_activations else 0) | (
+        params.flags = (MMV_FLAG_FAST_MATH if fast_math else 0) | (
             0 if flash_attn else MMV_FLAG_NO_FLASH_ATTN
         )
         handle = ctypes.c_void_p()

@@ -28,13 +28,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from mmchat.errors import CorruptFileError, UserError
 from mmchat.vision.image import PreparedImage
 
 UNPAD_ROUNDINGS = ("truncate", "round7")
+# mmproj keys (llama.cpp's names, plus mmchat's record of the reference's unpad rounding)
+KEY_PINPOINTS = "clip.vision.image_grid_pinpoints"
+KEY_MERGE = "clip.vision.mm_patch_merge_type"
+KEY_ROUNDING = "mmchat.vision.unpad_rounding"
+NEWLINE_TENSORS = ("v.image_newline", "model.image_newline")  # ours / older llama.cpp files
 
 EncodeBatch = Callable[[list[np.ndarray]], np.ndarray]
 """``encode_batch(views)``: a list of float32 [3, S, S] views -> float32 [n, P, n_embd]."""
@@ -293,3 +300,64 @@ def encode(
 ) -> np.ndarray:
     """The LLM-space embeddings of one image, float32 [n_tokens, n_embd]."""
     return encode_many([image], spec, newline, encode_batch)[0]
+
+
+def load_anyres(
+    mmproj: str | Path,
+    *,
+    image_size: int,
+    patch_size: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+    n_embd: int,
+) -> tuple[AnyresSpec, np.ndarray] | None:
+    """The anyres settings and ``image_newline`` [n_embd] of an mmproj, or None when it has
+    no grid pinpoints (a LLaVA 1.5-style file: one view per image).
+
+    ``CorruptFileError`` for pinpoints without the learned newline or with malformed values;
+    ``UserError`` for a merge type other than LLaVA 1.6's ``spatial_unpad``."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    path = Path(mmproj)
+    reader = GGUFReader(path, "r")
+    try:
+        fld = reader.fields.get(KEY_PINPOINTS)
+        if fld is None:
+            return None
+        flat = [int(x) for x in fld.contents()]
+        merge_fld = reader.fields.get(KEY_MERGE)
+        merge = str(merge_fld.contents()) if merge_fld is not None else "flat"
+        if merge != "spatial_unpad":
+            raise UserError(
+                f"{path.name} has grid pinpoints with mm_patch_merge_type {merge!r}; only "
+                "LLaVA 1.6's 'spatial_unpad' is supported"
+            )
+        rnd_fld = reader.fields.get(KEY_ROUNDING)
+        rounding = str(rnd_fld.contents()) if rnd_fld is not None else "truncate"
+        tensor = next((t for t in reader.tensors if t.name in NEWLINE_TENSORS), None)
+        if tensor is None:
+            raise CorruptFileError(
+                f"{path.name} has grid pinpoints (LLaVA 1.6) but no v.image_newline tensor"
+            )
+        newline = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        newline = np.ascontiguousarray(newline.reshape(-1)).copy()
+    finally:
+        del reader
+    if newline.shape[0] != n_embd:
+        raise CorruptFileError(
+            f"{path.name}: v.image_newline has {newline.shape[0]} values, the projector "
+            f"outputs {n_embd}"
+        )
+    try:
+        spec = AnyresSpec.from_flat(
+            flat,
+            image_size=image_size,
+            patch_size=patch_size,
+            image_mean=image_mean,
+            image_std=image_std,
+            unpad_rounding=rounding,
+        )
+    except ValueError as exc:
+        raise CorruptFileError(f"{path.name}: {exc}") from None
+    return spec, newline

@@ -206,7 +206,7 @@ class LlavaEngine(VisionEngine):
         n_threads: int | None = None,
         device: str | None = None,
         max_batch: int = 4,
-        fast_activations: bool = False,
+        fast_math: bool = False,
         cache: EmbeddingCache | None = None,
         disk_cache: bool | Path = False,
     ) -> None:
@@ -217,7 +217,7 @@ class LlavaEngine(VisionEngine):
             MMV_ERR_OUT_OF_MEMORY,
         )
 
-        if fast_activations:
+        if fast_math:
             self.kind = "mmvision-fast"
         super().__init__(mmproj, cache=cache, disk_cache=disk_cache)
         library = load_library()
@@ -229,7 +229,7 @@ class LlavaEngine(VisionEngine):
                 n_threads=n_threads,
                 expected_n_embd=text_n_embd,
                 max_batch=max_batch,
-                fast_activations=fast_activations,
+                fast_math=fast_math,
             )
         except NativeError as exc:
             if exc.status == MMV_ERR_INVALID_ARGUMENT:  # e.g. an unknown device name
@@ -243,8 +243,29 @@ class LlavaEngine(VisionEngine):
         self.n_embd = info.n_embd
         self.image_size = info.image_size
         self.device = info.device
+        # LLaVA 1.6: grid pinpoints in the mmproj -> anyres (several views per image)
+        from mmchat.vision.anyres import AnyresSpec, load_anyres
+
+        try:
+            anyres = load_anyres(
+                mmproj,
+                image_size=info.image_size,
+                patch_size=info.patch_size,
+                image_mean=info.image_mean,
+                image_std=info.image_std,
+                n_embd=info.n_embd,
+            )
+        except BaseException:
+            self.model.close()
+            raise
+        self.anyres: AnyresSpec | None = anyres[0] if anyres else None
+        self.image_newline: np.ndarray | None = anyres[1] if anyres else None
 
     def tokens_for(self, image: PreparedImage) -> int:
+        if self.anyres is not None:
+            from mmchat.vision.anyres import n_tokens
+
+            return n_tokens(self.anyres, (image.width, image.height))
         return self.info.n_tokens
 
     def pixels(self, image: PreparedImage) -> np.ndarray:
@@ -255,6 +276,22 @@ class LlavaEngine(VisionEngine):
         from mmchat.native import NativeError
 
         t0 = time.perf_counter()
+        if self.anyres is not None and self.image_newline is not None:
+            from mmchat.vision.anyres import encode_many
+
+            def encode_views(views: list[np.ndarray]) -> np.ndarray:
+                try:
+                    return self.model.encode(np.stack(views))
+                except NativeError as exc:
+                    raise UserError(f"Image encoding failed: {exc}") from None
+
+            # every view of every image in one call (libmmvision batches max_batch at a time)
+            embs = encode_many(images, self.anyres, self.image_newline, encode_views)
+            ms = (time.perf_counter() - t0) * 1000.0 / len(images)
+            return [
+                ImageEmbedding(digest=img.digest, embeddings=emb, encode_ms=ms)
+                for img, emb in zip(images, embs, strict=True)
+            ]
         px = np.stack([self.pixels(img) for img in images])
         try:
             out = self.model.encode(px)

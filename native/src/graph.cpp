@@ -101,6 +101,10 @@ Graph build_graph(mmv_model & m, int32_t batch) {
         if (m.flash_attn) {
             // fused attention on f32 K/V (exact; the CPU kernel avoids materialising KQ)
             ggml_tensor * vf = ggml_permute(ctx, ggml_reshape_4d(ctx, v, DH, NH, NPOS, B), 0, 2, 1, 3);
+            if (hp.fast_math) {  // f16 K/V, as mtmd
+                k = ggml_cast(ctx, k, GGML_TYPE_F16);
+                vf = ggml_cast(ctx, vf, GGML_TYPE_F16);
+            }
             ggml_tensor * fa = ggml_flash_attn_ext(ctx, q, k, vf, nullptr, kq_scale, 0.0f, 0.0f);
             ggml_prec_set_acc(fa, GGML_PREC_F32);
             cur = ggml_reshape_3d(ctx, fa, H, NPOS, B);  // fa: [DH, NH, NPOS, B]
@@ -117,7 +121,7 @@ Graph build_graph(mmv_model & m, int32_t batch) {
 
         cur = layer_norm(ctx, x, L.ln2_w, L.ln2_b, hp.eps);
         cur = linear(ctx, cur, L.fc1_w, L.fc1_b);
-        cur = hp.use_gelu ? gelu(ctx, cur, hp.fast_activations) : quick_gelu(ctx, cur, hp.fast_activations);
+        cur = hp.use_gelu ? gelu(ctx, cur, hp.fast_math) : quick_gelu(ctx, cur, hp.fast_math);
         cur = linear(ctx, cur, L.fc2_w, L.fc2_b);
         x = ggml_add(ctx, x, cur);
     }

@@ -293,7 +293,7 @@ class Loader {
         if (k.get_bool("clip.use_silu", false)) {
             throw Error(MMV_ERR_UNSUPPORTED, "clip.use_silu is not a CLIP/LLaVA activation");
         }
-        hp_.fast_activations = (params_.flags & MMV_FLAG_FAST_ACTIVATIONS) != 0;
+        hp_.fast_math = (params_.flags & MMV_FLAG_FAST_MATH) != 0;
         hp_.no_flash_attn = (params_.flags & MMV_FLAG_NO_FLASH_ATTN) != 0;
 
         auto mean = k.get_float_array("clip.vision.image_mean");

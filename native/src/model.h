@@ -71,7 +71,7 @@ struct Hparams {
     bool use_gelu = false;
     bool legacy_layout = false;
     bool ffn_swapped = false;
-    bool fast_activations = false;
+    bool fast_math = false;
     bool no_flash_attn = false;
 
     int32_t grid() const { return image_size / patch_size; }
