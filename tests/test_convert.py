@@ -296,3 +296,32 @@ def test_transformers5_key_names(tmp_path: Path) -> None:
         assert a.keys() == b.keys()
         for k in a:
             assert np.array_equal(a[k][1], b[k][1]), k
+
+
+@pytest.mark.parametrize("fixture", SAFE)
+@pytest.mark.parametrize("vquant", ["f32", "f16"])
+def test_image_embeddings_match_transformers(fixture: str, vquant: str) -> None:
+    """End to end: our mmproj through mmchat's exact LLaVA vision engine reproduces the
+    projected image embeddings transformers computed (fixture goldens)."""
+    try:
+        from mmchat.vision import load_image, open_vision
+    except ImportError as exc:
+        pytest.skip(f"mmchat.vision is not available: {exc}")
+    d = fixture_dir(fixture)
+    cfg = json.loads((d / "config.json").read_text())
+    n_embd = cfg.get("text_config", cfg)["hidden_size"]
+    _, mmproj = converted(fixture, "f32", vquant)
+    try:
+        engine = open_vision(mmproj, text_n_embd=n_embd)
+    except Exception as exc:  # native library not built here
+        pytest.skip(f"vision engine unavailable: {exc}")
+    arrays = np.load(d / "goldens.npz")
+    try:
+        for image in ("landscape", "portrait"):
+            emb = engine.encode(load_image(str(d.parent / "images" / f"{image}.png"))).embeddings
+            ref = arrays[f"image.{image}.embeds"]
+            assert emb.shape == ref.shape
+            err = float(np.linalg.norm(emb - ref) / np.linalg.norm(ref))
+            assert err <= (1e-4 if vquant == "f32" else 3e-3), f"{image}: {err:.2e}"
+    finally:
+        engine.close()
