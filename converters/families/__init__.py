@@ -8,9 +8,11 @@ from mmchat.errors import UserError
 
 from .base import Family, FamilyPlan, TensorJob, TextHParams, VisionHParams
 from .llava_hf import LlavaHF
+from .llava_next import FAMILIES as LLAVA_NEXT
 from .llava_original import LlavaLlama, LlavaMistral
 
-FAMILIES: tuple[type[Family], ...] = (LlavaHF, LlavaLlama, LlavaMistral)
+# LLaVA 1.6 first: its original layout shares the LLaVA 1.5 architecture names
+FAMILIES: tuple[type[Family], ...] = (*LLAVA_NEXT, LlavaHF, LlavaLlama, LlavaMistral)
 
 
 def supported_architectures() -> list[str]:

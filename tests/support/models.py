@@ -29,7 +29,7 @@ FIXTURES = Path(
 )
 CLIP_TOWER = FIXTURES / "clip_tower"
 # fixtures in the original LLaVA layout: their CLIP tower is a separate folder
-EXTERNAL_TOWER = {"llava15_orig", "bakllava_orig"}
+EXTERNAL_TOWER = {"llava15_orig", "bakllava_orig", "llava16_orig"}
 
 _cache: dict[tuple[str, str, str], tuple[Path, Path]] = {}
 _lock = threading.Lock()
