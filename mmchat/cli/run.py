@@ -37,7 +37,7 @@ def run(
     ),
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
     ctx: int | None = typer.Option(
-        None, "--ctx", help="Context size in tokens (default: min(4096, trained context))."
+        None, "--ctx", min=16, help="Context size in tokens (default: min(4096, trained context))."
     ),
     gpu_layers: int | None = typer.Option(
         None,
@@ -45,19 +45,25 @@ def run(
         help="Layers to offload to the GPU (default: all when one is present).",
     ),
     threads: int | None = typer.Option(
-        None, "--threads", help="CPU threads (default: llama.cpp's)."
+        None, "--threads", min=1, help="CPU threads (default: llama.cpp's)."
     ),
     temperature: float | None = typer.Option(
         None, "--temperature", help="Sampling temperature; 0 is greedy (default 0.8)."
     ),
-    top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling (default 0.9)."),
-    top_k: int | None = typer.Option(None, "--top-k", help="Top-k sampling, 0 = off (default 40)."),
+    top_p: float | None = typer.Option(
+        None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (default 0.9)."
+    ),
+    top_k: int | None = typer.Option(
+        None, "--top-k", min=0, help="Top-k sampling, 0 = off (default 40)."
+    ),
     repeat_penalty: float | None = typer.Option(
         None, "--repeat-penalty", help="Penalty for repeated tokens (default 1.1)."
     ),
-    seed: int | None = typer.Option(None, "--seed", help="Sampling seed: same seed, same output."),
+    seed: int | None = typer.Option(
+        None, "--seed", min=0, max=2**32 - 1, help="Sampling seed: same seed, same output."
+    ),
     max_tokens: int | None = typer.Option(
-        None, "--max-tokens", help="Stop a reply after this many tokens (default: no limit)."
+        None, "--max-tokens", min=0, help="Stop a reply after this many tokens (default: no limit)."
     ),
     format: str | None = typer.Option(
         None, "--format", help="Constrain replies: json.", show_default=False
@@ -77,7 +83,6 @@ def run(
     from mmchat.errors import UserError
     from mmchat.repl import loader
     from mmchat.repl.chat import Chat, Display
-    from mmchat.runtime.options import LoadOptions
     from mmchat.settings import load_settings
 
     settings = load_settings()
@@ -88,9 +93,6 @@ def run(
     interactive = text is None and not image and piped is None
     if format not in (None, "json"):
         raise UserError(f"unknown format {format!r} (only json is supported)")
-
-    options = LoadOptions(n_ctx=ctx, n_gpu_layers=gpu_layers, n_threads=threads, seed=seed)
-    options.validate()
     overrides: dict[str, Any] = {
         k: v
         for k, v in {
@@ -108,7 +110,14 @@ def run(
     try:
         source = loader.resolve_model(model, mmproj=mmproj, console=err)
         t_load = time.perf_counter()
-        loaded = loader.load(source, options, console=err)
+        if interactive:
+            _preload_prompt()
+        with loader.spinner(err, f"Loading {source.name}..."):
+            # the runtime (numpy, llama.cpp) is imported here, under the spinner
+            from mmchat.runtime.options import LoadOptions
+
+            options = LoadOptions(n_ctx=ctx, n_gpu_layers=gpu_layers, n_threads=threads, seed=seed)
+            loaded = loader.load(source, options, console=None)
         load_ms = (time.perf_counter() - t_load) * 1000  # llama.cpp's start-up included
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -116,9 +125,7 @@ def run(
         params = loader.sampling_for(source).updated(**overrides)
         session = loaded.session(system=system, params=params)
         if verbose:
-            err.print(
-                f"load duration:        {loaded.load_ms:.1f} ms", style="dim", highlight=False
-            )
+            err.print(f"load duration:        {load_ms:.1f} ms", style="dim", highlight=False)
 
         def opener(ref: str, mm: str | None) -> tuple[loader.ModelSource, Any]:
             src = loader.resolve_model(ref, mmproj=Path(mm) if mm else None, console=err)
@@ -154,3 +161,17 @@ def run(
     finally:
         chat_model = locals().get("chat")
         (chat_model.model if chat_model is not None else loaded).close()
+
+
+def _preload_prompt() -> None:
+    """Import the prompt (prompt_toolkit) on a thread while the model loads: llama.cpp
+    loads without holding the GIL, so the prompt then appears sooner after the load."""
+    import contextlib
+    import threading
+
+    def work() -> None:
+        # on failure the main thread imports it again and reports the error
+        with contextlib.suppress(Exception):
+            import mmchat.repl.app  # noqa: F401
+
+    threading.Thread(target=work, name="mmchat-preload", daemon=True).start()

@@ -107,11 +107,12 @@ def spinner(console: Console, message: str) -> Iterator[None]:
         yield
 
 
-def load(source: ModelSource, options: LoadOptions, *, console: Console) -> LoadedModel:
-    """Load the model with a spinner (on a terminal)."""
+def load(source: ModelSource, options: LoadOptions, *, console: Console | None) -> LoadedModel:
+    """Load the model, with a spinner on ``console`` when it is a terminal (None: no spinner,
+    the caller shows one)."""
     from mmchat.runtime import load_model
 
-    with spinner(console, f"Loading {source.name}..."):
+    with spinner(console, f"Loading {source.name}...") if console else contextlib.nullcontext():
         return load_model(
             source.model_path,
             source.mmproj_path,
