@@ -364,6 +364,39 @@ def test_eight_concurrent_clients_get_the_answers_they_get_alone(live: LiveServe
     assert together == alone
 
 
+def test_requests_to_a_busy_model_are_served_in_arrival_order(live: LiveServer) -> None:
+    clients = [live.ollama() for _ in range(4)]
+    for c in clients:  # connected and warm before the clock starts
+        ask(c, "warm up", image=False, options={"num_predict": 1})
+    served: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def queued(i: int) -> None:
+        r = ask(clients[i], f"queued {i}", image=False, options={"num_predict": 2, "seed": 1})
+        with lock:  # created_at is stamped when the reply is done: the service order
+            served.append((str(r.created_at), i))
+
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "A long answer, please."}],
+        "options": {"temperature": 0, "num_predict": 600},
+    }
+    threads = []
+    with httpx.stream("POST", live.url + "/api/chat", json=body, timeout=60) as resp:
+        lines = resp.iter_lines()
+        next(lines)  # the long request holds the model now
+        for i in range(4):
+            t = threading.Thread(target=queued, args=(i,))
+            t.start()
+            threads.append(t)
+            time.sleep(0.3)  # arrival order: 0, 1, 2, 3
+        for _ in lines:
+            pass
+    for t in threads:
+        t.join(30)
+    assert [i for _, i in sorted(served)] == [0, 1, 2, 3]
+
+
 def test_client_disconnect_mid_stream_stops_generation(live: LiveServer) -> None:
     client = live.ollama()
     ask(client, "warm up", image=False)

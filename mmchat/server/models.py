@@ -263,8 +263,13 @@ class ModelManager:
                 stale = self._entries.get(record.name)
                 if stale is not None:  # other content or another context size
                     stale.unload_when_idle = True
-                    self._cond.wait_for(lambda: stale.active == 0)
-                    del self._entries[record.name]
+                    busy = stale
+                    self._cond.wait_for(lambda: busy.active == 0)
+                    # the last release (or the reaper) may have closed it meanwhile
+                    if self._entries.get(record.name) is stale:
+                        del self._entries[record.name]
+                    else:
+                        stale = None
             if stale is not None:
                 self._close(stale)
             self._make_room()

@@ -37,13 +37,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _iso(ts: float) -> str:
     if not ts:
         ts = time.time()
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+    stamp = datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds")
+    return stamp.replace("+00:00", "Z")
 
 
 def error_response(path: str, exc: BaseException) -> JSONResponse:
