@@ -29,6 +29,7 @@ class DoctorReport:
     native_loaded: bool
     native_error: str | None
     devices: list[dict[str, Any]] = field(default_factory=list)
+    cpu_extra_buffers: str = ""
     store_path: str = ""
     store_free_bytes: int | None = None
     problems: list[str] = field(default_factory=list)
@@ -89,6 +90,12 @@ def collect() -> DoctorReport:
         native_error = "not loaded (llama-cpp-python is missing)"
     if native_loaded and not devices:
         problems.append("the ggml backend registry reports no compute device")
+    cpu_extra = ""
+    if native_loaded:
+        from mmchat.native.cpu import extra_buffers_verdict
+
+        verdict = extra_buffers_verdict()
+        cpu_extra = ("enabled: " if verdict.usable else "disabled: ") + verdict.reason
 
     return DoctorReport(
         mmchat_version=__version__,
@@ -102,6 +109,7 @@ def collect() -> DoctorReport:
         native_loaded=native_loaded,
         native_error=native_error,
         devices=devices,
+        cpu_extra_buffers=cpu_extra,
         store_path=str(settings.home),
         store_free_bytes=_free_bytes(settings.home),
         problems=problems,

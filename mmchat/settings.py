@@ -36,6 +36,9 @@ class Settings:
     """``MMCHAT_KEEP_ALIVE``: seconds a served model stays loaded when idle."""
     debug: bool
     """``MMCHAT_DEBUG``: show tracebacks for user errors."""
+    cpu_extra_buffers: str = "auto"
+    """``MMCHAT_CPU_EXTRA_BUFFERS``: ``auto`` (self-test), ``on`` or ``off`` — llama.cpp's
+    extra CPU buffer types (AMX, repacked weights); see mmchat/native/cpu.py."""
 
     @property
     def models_dir(self) -> Path:
@@ -86,6 +89,17 @@ def _float(name: str, default: float) -> float:
         raise UserError(f"{name} must be a number of seconds, got {raw!r}") from None
 
 
+def _choice(name: str, allowed: tuple[str, ...], default: str) -> str:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in allowed:
+        from mmchat.errors import UserError
+
+        raise UserError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
+    return raw
+
+
 def load_settings() -> Settings:
     """Read the environment now (tests change it, so nothing is cached)."""
     env = os.environ
@@ -101,4 +115,5 @@ def load_settings() -> Settings:
         max_image_pixels=_int("MMCHAT_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS),
         keep_alive_s=_float("MMCHAT_KEEP_ALIVE", DEFAULT_KEEP_ALIVE_S),
         debug=env.get("MMCHAT_DEBUG", "") not in ("", "0", "false", "no"),
+        cpu_extra_buffers=_choice("MMCHAT_CPU_EXTRA_BUFFERS", ("auto", "on", "off"), "auto"),
     )

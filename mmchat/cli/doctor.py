@@ -56,6 +56,8 @@ def _render(report: doctor_mod.DoctorReport) -> Table:
             f"device {dev['index']}: {dev['name']}",
             f"{dev['type']} · {dev['backend']} · {dev['description']} · {mem}",
         )
+    if report.cpu_extra_buffers:
+        table.add_row("CPU extra buffers (AMX, repack)", report.cpu_extra_buffers)
     free = report.store_free_bytes
     free_text = f"{format_bytes(free)} free" if free is not None else "free space unknown"
     table.add_row("model store", f"{report.store_path} ({free_text})")

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from mmchat.errors import UserError
+from mmchat.native.cpu import extra_buffers_usable
 
 # Importing the package (not only the submodule) first matters: it loads the ggml/llama
 # shared libraries that the native vision library must then reuse (DESIGN §6).
@@ -118,6 +119,9 @@ class TextModel:
         ensure_backend(verbose)
         params = C.llama_model_default_params()
         params.n_gpu_layers = int(n_gpu_layers)
+        # llama.cpp's AMX/repacked CPU buffers crash on CPUs that advertise AMX but fault
+        # on it (some VMs); mmchat.native.cpu self-tests them once per machine.
+        params.use_extra_bufts = extra_buffers_usable()
         clear_recent_errors()
         ptr = C.llama_model_load_from_file(path.encode("utf-8"), params)
         if not ptr:

@@ -46,6 +46,14 @@ MMV_API const char * mmv_ggml_commit(void);    /* commit of that ggml */
 MMV_API const char * mmv_ggml_build_version(void); /* ggml version it was compiled against */
 MMV_API const char * mmv_last_error(void);     /* message of the last failure on this thread */
 
+/* --- CPU self-test --------------------------------------------------------------------
+ *
+ * Runs one small quantized matrix product with the weights in every extra buffer type the
+ * CPU backend offers (AMX, repacked layouts), checked against a plain CPU buffer. Some
+ * virtual machines advertise AMX but fault on its instructions: then this call crashes the
+ * process (SIGILL), so callers run it in a child process. report: a short summary. */
+MMV_API mmv_status mmv_cpu_extra_buffers_selftest(char * report, size_t report_len);
+
 /* --- compute devices (the ggml backend registry) --------------------------------- */
 
 typedef enum mmv_device_type {
