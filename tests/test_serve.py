@@ -184,6 +184,46 @@ def test_ollama_options_and_system_prompt(live: LiveServer) -> None:
     assert again.message.content == r.message.content  # the seed makes sampling repeatable
 
 
+def test_ollama_stop_strings(live: LiveServer) -> None:
+    client = live.ollama()
+    opts = {"temperature": 0, "seed": 1, "num_predict": 12}
+    full = ask(client, "Stop test.", image=False, options=opts).message.content
+    if len(full) < 4:
+        pytest.skip("the tiny model's reply is too short to cut")
+    stop = full[2:4]
+    cut = full.index(stop)
+    r = ask(client, "Stop test.", image=False, options={**opts, "stop": [stop]})
+    assert r.message.content == full[:cut].strip() and r.done_reason == "stop"
+    o = live.openai().chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Stop test."}],
+        temperature=0,
+        seed=1,
+        max_tokens=12,
+        stop=stop,
+    )
+    assert o.choices[0].message.content == full[:cut].strip()
+
+
+def test_ollama_format_json_schema(live: LiveServer) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    r = live.ollama().chat(
+        model="tiny",
+        messages=[{"role": "user", "content": "A number, as JSON."}],
+        format=schema,
+        options={"temperature": 0, "num_predict": 40},
+    )
+    text = r.message.content.strip()
+    assert text.startswith("{")
+    if r.done_reason == "stop":
+        assert isinstance(json.loads(text)["n"], int)
+
+
 def test_ollama_format_json(live: LiveServer) -> None:
     r = live.ollama().chat(
         model="tiny",

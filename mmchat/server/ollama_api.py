@@ -505,10 +505,10 @@ async def pull(req: S.OllamaPullRequest, request: Request) -> Response:
             for f in plan.files:
                 if f.present:
                     put({"status": f"{f.filename} already present", "digest": _sha(f.sha256)})
-            rec = puller.pull(plan)
+            # (a loaded older version of the model is replaced on its next use: its id differs)
+            puller.pull(plan)
             put({"status": "verifying sha256 digest"})
             put({"status": "writing manifest"})
-            del rec  # a loaded older version is replaced on its next use (its id differs)
             put({"status": "success"})
         except BaseException as exc:
             put(exc)
