@@ -270,7 +270,7 @@ def _lib_names() -> list[str]:
         return ["libggml-base.dylib"]
     if sys.platform == "win32":
         return ["ggml-base.dll"]
-    return ["libggml-base.so", "libggml-base.so.0"]
+    return ["libggml-base.so.0", "libggml-base.so"]  # the soname libllama links first: one copy
 
 
 def ggml() -> _Ggml:

@@ -25,7 +25,7 @@ def _param_row(param: Any) -> str | None:
     if getattr(param, "hidden", False) or param.name == "help":
         return None
     if param.param_type_name == "argument":
-        name = f"`{param.human_readable_name}`"
+        name = f"`{(param.metavar or param.name or '').upper()}`"
         help_text = getattr(param, "help", None) or ""
         req = "required" if param.required else "optional"
         return f"| {name} | {help_text} ({req}) |"
