@@ -181,15 +181,12 @@ async def _run(
     def head() -> dict[str, Any]:
         return {"model": model, "created_at": now_rfc3339()}
 
-    if not stream:
-        text: list[str] = []
+    if not stream:  # the worker sends no tokens, only the final Done (with all the text)
         item = first
         while not is_end(item):
             if isinstance(item, BaseException):
                 return error_response(path, item)
-            if isinstance(item, Token):
-                text.append(item.text)
-            elif isinstance(item, Done):
+            if isinstance(item, Done):
                 body = {**head(), **piece(item.text), "done": True, **_final_fields(gen, item)}
                 return JSONResponse(body)
             item = await gen.next(request)
