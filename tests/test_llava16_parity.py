@@ -309,3 +309,133 @@ def test_context_budget_counts_each_images_own_tokens_before_encoding() -> None:
         assert events[-1].stats.prompt_tokens == n_small
     finally:
         lm.close()
+
+
+# -- bad LLaVA 1.6 projector files -------------------------------------------------------
+
+
+def rewrite_mmproj(
+    src: Path,
+    dst: Path,
+    *,
+    drop_keys: tuple[str, ...] = (),
+    set_keys: dict[str, Any] | None = None,
+    drop_tensors: tuple[str, ...] = (),
+    replace_tensors: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """A copy of an (f32) mmproj with metadata or tensors changed, written with gguf-py."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    r = GGUFReader(src)
+    arch = str(r.fields["general.architecture"].contents())
+    w = GGUFWriter(str(dst), arch=arch)
+    for key, fld in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop_keys:
+            continue
+        vtype = fld.types[0]
+        sub = fld.types[-1] if vtype == GGUFValueType.ARRAY else None
+        w.add_key_value(key, fld.contents(), vtype, sub_type=sub)
+    for key, value in (set_keys or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_array(key, [int(x) for x in value])
+    for t in r.tensors:
+        if t.name in drop_tensors:
+            continue
+        data = (replace_tensors or {}).get(t.name, np.asarray(t.data))
+        w.add_tensor(t.name, np.ascontiguousarray(data, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_a_faithful_copy_still_works(tmp_path: Path) -> None:
+    """The rewriting helper itself keeps a working file (so the failures below are real)."""
+    model_path, mmproj = converted("llava16_hf")
+    copy = rewrite_mmproj(mmproj, tmp_path / "copy.gguf")
+    tm = TextModel(model_path)
+    try:
+        eng = open_vision(copy, text_n_embd=tm.n_embd, device="cpu", cache=EmbeddingCache())
+        assert isinstance(eng, LlavaEngine) and eng.anyres is not None
+        assert eng.tokens_for(load_image(FIXTURES_DIR / "images" / "landscape.png")) == 70
+        eng.close()
+    finally:
+        tm.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"drop_tensors": ("v.image_newline",)}, "CorruptFileError", "no v.image_newline"),
+        (
+            {"replace_tensors": {"v.image_newline": np.zeros(7, np.float32)}},
+            "CorruptFileError",
+            "v.image_newline has 7 values",
+        ),
+        (
+            {
+                "drop_keys": ("clip.vision.image_grid_pinpoints",),
+                "set_keys": {"clip.vision.image_grid_pinpoints": [32, 64, 64]},
+            },
+            "CorruptFileError",
+            "pairs",
+        ),
+        (
+            {
+                "drop_keys": ("clip.vision.image_grid_pinpoints",),
+                "set_keys": {"clip.vision.image_grid_pinpoints": [32, 60]},
+            },
+            "CorruptFileError",
+            "multiples of the image size 32",
+        ),
+        (
+            {"drop_keys": ("clip.vision.mm_patch_merge_type",)},
+            "UserError",
+            "mm_patch_merge_type 'flat'",
+        ),
+        (
+            {
+                "drop_keys": ("mmchat.vision.unpad_rounding",),
+                "set_keys": {"mmchat.vision.unpad_rounding": "ceil"},
+            },
+            "CorruptFileError",
+            "unpad rounding",
+        ),
+    ],
+)
+def test_bad_anyres_files_fail_clearly(
+    change: dict[str, Any], error: str, message: str, tmp_path: Path
+) -> None:
+    from mmchat import errors
+
+    model_path, mmproj = converted("llava16_hf")
+    bad = rewrite_mmproj(mmproj, tmp_path / "bad.gguf", **change)
+    tm = TextModel(model_path)
+    try:
+        with pytest.raises(getattr(errors, error), match=message):
+            open_vision(bad, text_n_embd=tm.n_embd, device="cpu", cache=EmbeddingCache())
+        # the process is fine and the good file still opens
+        eng = open_vision(mmproj, text_n_embd=tm.n_embd, device="cpu", cache=EmbeddingCache())
+        eng.close()
+    finally:
+        tm.close()
+
+
+def test_without_rounding_key_the_original_llava_rounding_applies(tmp_path: Path) -> None:
+    """Files from other converters (llama.cpp's LLaVA 1.6 surgery) carry no rounding key:
+    they come from original checkpoints, so original LLaVA's truncation is the default."""
+    model_path, mmproj = converted("llava16_orig")
+    plain = rewrite_mmproj(
+        mmproj, tmp_path / "plain.gguf", drop_keys=("mmchat.vision.unpad_rounding",)
+    )
+    tm = TextModel(model_path)
+    try:
+        eng = open_vision(plain, text_n_embd=tm.n_embd, device="cpu", cache=EmbeddingCache())
+        assert isinstance(eng, LlavaEngine) and eng.anyres is not None
+        assert eng.anyres.unpad_rounding == "truncate"
+        eng.close()
+    finally:
+        tm.close()
