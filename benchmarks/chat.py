@@ -496,12 +496,14 @@ def report(
         f"{mm.median(4, 'ttft_cpu_ms'):.1f} ms "
         f"({naive.median(4, 'ttft_cpu_ms') / max(mm.median(4, 'ttft_cpu_ms'), 1e-9):.1f}x "
         "less).",
-        "- CLI start to prompt, model load excluded: "
+        "- CLI start to prompt, model load excluded (runtime imports and llama.cpp start-up "
+        "count as load): "
         + (
-            f"{statistics.median(startup):.0f} ms (runs: "
-            + ", ".join(f"{x:.0f}" for x in startup)
+            f"{statistics.median(startup[0]):.0f} ms wall, "
+            f"{statistics.median(startup[1]):.0f} ms CPU (runs, wall/CPU: "
+            + ", ".join(f"{w:.0f}/{c:.0f}" for w, c in zip(*startup, strict=True))
             + ")."
-            if startup
+            if startup[0]
             else "not measured."
         ),
     ]
@@ -604,6 +606,17 @@ def main() -> int:
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}"
+    )
+    dump = Path(args.workdir) / "last-run.json"
+    dump.write_text(
+        json.dumps(
+            {
+                "series": {
+                    x.label: [[vars(t) for t in r] for r in x.turns] for x in (mm, kept, naive)
+                },
+                "startup": startup,
+            }
+        )
     )
     text = report([mm, kept, naive], startup, args, machine)
     print()

@@ -280,7 +280,7 @@ def strip_triple_quotes(text: str) -> str:
 def _is_path_like(text: str) -> bool:
     """``/home/me/a.png what is it`` is a message, not a command."""
     first = text.split(maxsplit=1)[0]
-    return "/" in first[1:] or first.startswith("//") or Path(first).exists()
+    return "/" in first[1:] or (len(first) > 1 and Path(first).exists())
 
 
 def _close(events: Any) -> None:
