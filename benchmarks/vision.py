@@ -228,7 +228,8 @@ def main(argv: list[str]) -> int:
     lines = [
         SECTION,
         "",
-        f"`python benchmarks/vision.py --threads {args.threads} --runs {args.runs}` — "
+        f"`python benchmarks/vision.py --threads {args.threads} --runs {args.runs}"
+        f"{' --fast' if args.fast else ''}` — "
         f"{time.strftime('%Y-%m-%d')}, {cpu}, {args.threads} threads, device `{args.device}` "
         f"(ggml devices: {devices}), ggml {lib.ggml_version}.",
         "CLIP ViT-L/14-336 + LLaVA-1.5 projector (576 tokens x 4096), random weights; one "
