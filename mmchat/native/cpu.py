@@ -39,7 +39,8 @@ def _cpu_flags() -> tuple[str, set[str]]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "", set()
-    model, flags = "", set()
+    model = ""
+    flags: set[str] = set()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
