@@ -45,7 +45,7 @@ def run(
         help="Layers to offload to the GPU (default: all when one is present).",
     ),
     threads: int | None = typer.Option(
-        None, "--threads", min=1, help="CPU threads (default: llama.cpp's)."
+        None, "--threads", min=1, help="CPU threads (default: every CPU this process may use)."
     ),
     temperature: float | None = typer.Option(
         None, "--temperature", help="Sampling temperature; 0 is greedy (default 0.8)."

@@ -97,7 +97,7 @@ def serve(
         None, "--ctx", help="Context size for loaded models (a request's num_ctx wins)."
     ),
     threads: int = typer.Option(
-        None, "--threads", help="CPU threads per model (default: llama.cpp's choice)."
+        None, "--threads", help="CPU threads per model (default: every CPU this process may use)."
     ),
     max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body (MiB)."),
     max_images: int = typer.Option(16, "--max-images", help="Most images in one request."),

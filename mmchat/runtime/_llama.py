@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import os
 import sys
 import threading
 from typing import Any
@@ -99,6 +100,14 @@ GGML_TYPES = {"f32": C.GGML_TYPE_F32, "f16": C.GGML_TYPE_F16}
 # Types this binding may not name; ggml's enum values are stable.
 for _name, _value in (("q8_0", 8), ("q4_0", 2), ("bf16", 30)):
     GGML_TYPES[_name] = int(getattr(C, f"GGML_TYPE_{_name.upper()}", _value))
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (affinity mask / container limits where known)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 class DecodeError(RuntimeError):
@@ -294,9 +303,11 @@ class Context:
         params.n_batch = int(n_batch)
         params.n_ubatch = int(n_batch)
         params.n_seq_max = 1
-        if n_threads:
-            params.n_threads = int(n_threads)
-            params.n_threads_batch = int(n_threads)
+        # llama.cpp's own default is a fixed 4 threads: on a 2-CPU machine that
+        # oversubscribes the cores and a reply takes 20x longer. Use what we may run on.
+        threads = int(n_threads or usable_cpus())
+        params.n_threads = threads
+        params.n_threads_batch = threads
         if flash_attn is None:
             params.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_AUTO
         elif flash_attn:

@@ -39,7 +39,7 @@ class LoadOptions:
     - ``n_ctx``: ``min(4096, the context the model was trained with)``;
     - ``n_gpu_layers``: every layer when llama.cpp was built with a GPU backend
       (``llama_supports_gpu_offload()``), else 0;
-    - ``n_threads``: llama.cpp's own default (physical cores);
+    - ``n_threads``: the CPUs this process may use (llama.cpp's own default is a fixed 4);
     - ``flash_attn``: llama.cpp's "auto".
 
     For exact parity with transformers set ``flash_attn=False`` and ``kv_cache_type="f32"``
