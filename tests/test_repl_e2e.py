@@ -166,7 +166,9 @@ def test_interactive_session(
 def test_ctrl_c_stops_a_reply_and_the_session_goes_on(
     files: tuple[Path, Path], workdir: Path, terminals: list[Terminal]
 ) -> None:
-    term = Terminal(_model_args(files, "--plain", "--seed", "2"))  # seed 2: a long reply
+    # Seed 2 never emits end-of-sequence: the reply runs until the 8192-token context is
+    # full (~7 s), so the Ctrl-C below always lands mid-reply, however fast the machine.
+    term = Terminal(_model_args(files, "--plain", "--seed", "2", "--ctx", "8192"))
     terminals.append(term)
     term.prompt()
     term.send("tell me a long story")
