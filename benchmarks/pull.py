@@ -11,7 +11,8 @@ Three numbers per round, interleaved so that machine load hits all of them alike
 * curl: ``curl -sS -f -o FILE URL``;
 * mmchat (process): ``python -m mmchat pull hf.co/bench/Big-GGUF`` in a fresh process
   (start-up, repository listing, download, verification, manifest);
-* mmchat (in-process): ``Puller.pull`` alone (listing, download, verification, manifest).
+* mmchat (in-process): ``Puller.pull`` alone (listing, download, verification, manifest);
+  the time its closing ``fsync`` calls take is reported separately.
 Goal: mmchat >= 80% of curl's throughput.
 """
 
@@ -53,6 +54,15 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def serve(paths: list[str]) -> None:
     """Run the fake hub in this process until stdin closes (keeps it off the client's CPU)."""
     with FakeHub() as hub:
@@ -79,6 +89,8 @@ def main() -> None:
         size = big.stat().st_size
         results: dict[str, list[float]] = {"curl": [], "process": [], "in-process": []}
         cpu: dict[str, list[float]] = {"curl": [], "process": [], "in-process": []}
+        fsync_s: list[float] = []
+        hub_cpu: dict[str, list[float]] = {"curl": [], "process": [], "in-process": []}
         server = subprocess.Popen(
             [sys.executable, __file__, "--serve", str(big), str(mmproj)],
             stdin=subprocess.PIPE,
@@ -93,16 +105,19 @@ def main() -> None:
             for _ in range(args.repeats):
                 # curl
                 out = work / "curl.out"
+                h0 = _proc_cpu(server.pid)
                 c0 = _children_cpu()
                 t0 = time.perf_counter()
                 subprocess.run(["curl", "-sS", "-f", "-o", str(out), url], check=True)
                 results["curl"].append(size / (time.perf_counter() - t0))
                 cpu["curl"].append(_children_cpu() - c0)
+                hub_cpu["curl"].append(_proc_cpu(server.pid) - h0)
                 assert out.stat().st_size == size
                 out.unlink()
 
                 # mmchat pull, a fresh process
                 home = work / "home-proc"
+                h0 = _proc_cpu(server.pid)
                 c0 = _children_cpu()
                 t0 = time.perf_counter()
                 subprocess.run(
@@ -114,6 +129,7 @@ def main() -> None:
                 )
                 results["process"].append(size / (time.perf_counter() - t0))
                 cpu["process"].append(_children_cpu() - c0)
+                hub_cpu["process"].append(_proc_cpu(server.pid) - h0)
                 shutil.rmtree(home)
 
                 # mmchat pull, in-process (no interpreter start-up)
@@ -121,6 +137,16 @@ def main() -> None:
                 from mmchat.store import open_store
 
                 home = work / "home-lib"
+                fsync_s.append(0.0)
+                real_fsync = os.fsync
+
+                def timed_fsync(fd: int, _real=real_fsync) -> None:
+                    t = time.perf_counter()
+                    _real(fd)
+                    fsync_s[-1] += time.perf_counter() - t
+
+                os.fsync = timed_fsync
+                h0 = _proc_cpu(server.pid)
                 c0 = time.process_time()
                 t0 = time.perf_counter()
                 rec = Puller(open_store(home), endpoint=hub_url, hf_cache=work / "hf").pull(
@@ -128,6 +154,8 @@ def main() -> None:
                 )
                 results["in-process"].append(size / (time.perf_counter() - t0))
                 cpu["in-process"].append(time.process_time() - c0)
+                os.fsync = real_fsync
+                hub_cpu["in-process"].append(_proc_cpu(server.pid) - h0)
                 assert rec.model_path.stat().st_size == size
                 shutil.rmtree(home)
         finally:
@@ -144,8 +172,11 @@ def main() -> None:
     print(f"load average before/after: {load_before} / {' '.join(map(str, os.getloadavg()))}")
     print(f"file: {size / mib:.0f} MiB GGUF, loopback fake hub, {args.repeats} rounds (median)")
     print()
-    print("| client | MiB/s (median) | runs (MiB/s) | vs curl | CPU s per GiB (median) |")
-    print("| --- | ---: | --- | ---: | ---: |")
+    print(
+        "| client | MiB/s (median) | runs (MiB/s) | vs curl | CPU s per GiB (median) "
+        "| fake hub CPU s per GiB |"
+    )
+    print("| --- | ---: | --- | ---: | ---: | ---: |")
     labels = {
         "curl": "curl -o",
         "process": "mmchat pull (new process)",
@@ -155,7 +186,14 @@ def main() -> None:
         med = statistics.median(results[key])
         runs = ", ".join(f"{v / mib:.0f}" for v in results[key])
         cpu_gib = statistics.median(cpu[key]) / (size / gib)
-        print(f"| {label} | {med / mib:.0f} | {runs} | {med / curl:.0%} | {cpu_gib:.2f} |")
+        hub_gib = statistics.median(hub_cpu[key]) / (size / gib)
+        print(
+            f"| {label} | {med / mib:.0f} | {runs} | {med / curl:.0%} | {cpu_gib:.2f} "
+            f"| {hub_gib:.2f} |"
+        )
+    print()
+    runs = ", ".join(f"{v:.2f}" for v in fsync_s)
+    print(f"in-process: time in fsync (blob + manifest) per pull, s: {runs}")
 
 
 if __name__ == "__main__":
