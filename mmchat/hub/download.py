@@ -18,6 +18,9 @@ redirect to the CDN apply), and the bytes are streamed here:
   receive buffers (hashlib and file writes release the GIL, so hashing overlaps the
   transfer), and compared with the hub's LFS digest before the blob is accepted; a
   mismatch deletes the partial file and raises :class:`~mmchat.errors.CorruptFileError`;
+* the blob is fsynced before it is renamed into place (the manifest is written after);
+  the hashing thread starts the disk writeback of each 32 MiB already written, so that
+  fsync finds little left to do (it took 0.6 s of a 2.7 s 1 GiB pull before);
 * the whole transfer holds the blob's file lock, so two pulls of the same file (two
   terminals) download it once: the second waits, then finds the blob present;
 * a file already in the Hugging Face cache (``HF_HOME``, e.g. from ``hf download``) is
@@ -41,6 +44,7 @@ import http.client
 import os
 import queue
 import ssl
+import sys
 import threading
 import time
 import urllib.error
@@ -131,7 +135,7 @@ def _start_writeback() -> Callable[[int, int, int], None] | None:
     global _sync_file_range
     if _sync_file_range is None:
         _sync_file_range = False
-        if hasattr(os, "sched_getaffinity"):  # Linux (and nothing else has the call)
+        if sys.platform.startswith("linux"):  # nothing else has the call
             try:
                 import ctypes
 
