@@ -11,14 +11,21 @@ Three ways to answer the same requests with the same model files:
 
 Workloads: a short text completion (a different question each time, 8 new tokens, greedy)
 and an image question (the same image each time, a different question). 1 and 8
-concurrent clients; a model serves one request at a time, so 8 clients queue.
+concurrent clients; a model serves one request at a time, so 8 clients queue. With one
+client the paths take turns request by request (http, http streamed, in-process, a bare
+``GET /api/version``, llama-cpp-python), so that the load of a shared machine hits them
+alike; with 8 clients each path runs on its own.
 
-The HTTP overhead per request is measured two ways: client latency minus the server's own
-``total_duration`` for that request (what HTTP, JSON, base64 and the hop to the worker
-thread cost), and p50(http) - p50(in-process).
+The headline HTTP overhead per request is p50(http) - p50(in-process) for the same
+requests measured side by side: everything the server does that the in-process call does
+not (HTTP, JSON, validation, base64, the store lookup, the hops to the worker thread and
+back). A second view is client latency minus the server's own ``total_duration`` (what the
+server does before and after it starts the clock: HTTP parsing, validation, sending), and
+the floor is a bare ``GET /api/version`` on a keep-alive connection of its own.
 
     .venv/bin/python benchmarks/serve.py                      # tiny fixture model
     .venv/bin/python benchmarks/serve.py --model M.gguf --mmproj P.gguf --ctx 2048
+    .venv/bin/python benchmarks/serve.py --server-cmd "other/python -m mmchat"  # compare
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import contextlib
 import os
 import platform
 import queue
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -89,11 +97,33 @@ def measure(call: Callable[[int], float | None], n: int, clients: int) -> Run:
     return run
 
 
+def measure_turns(calls: dict[str, Callable[[int], float | None]], n: int) -> dict[str, Run]:
+    """One client: for i < n, every path answers request i in turn (the order rotating),
+    so that a shared machine's changing load falls on all paths alike."""
+    runs = {name: Run() for name in calls}
+    names = list(calls)
+    for i in range(n):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            overhead = calls[name](i)
+            ms = (time.perf_counter() - t0) * 1000
+            run = runs[name]
+            run.latencies_ms.append(ms)
+            run.wall_s += ms / 1000
+            if overhead is not None:
+                run.overheads_ms.append(ms - overhead)
+    return runs
+
+
 # ----------------------------------------------------------------------------- http
-def start_server(home: Path, ctx: int, threads: int | None) -> tuple[subprocess.Popen[str], str]:
+def start_server(
+    home: Path, ctx: int, threads: int | None, server_cmd: str | None
+) -> tuple[subprocess.Popen[str], str]:
     env = dict(os.environ, MMCHAT_HOME=str(home), MMCHAT_KEEP_ALIVE="-1")
     env.pop("MMCHAT_API_KEY", None)
-    cmd = [sys.executable, "-m", "mmchat", "serve", "--port", "0", "--ctx", str(ctx)]
+    mmchat = shlex.split(server_cmd) if server_cmd else [sys.executable, "-m", "mmchat"]
+    cmd = [*mmchat, "serve", "--port", "0", "--ctx", str(ctx)]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
@@ -105,7 +135,11 @@ def start_server(home: Path, ctx: int, threads: int | None) -> tuple[subprocess.
     return proc, line.split("listening on ", 1)[1].split(" ", 1)[0]
 
 
-def http_call(url: str, image_b64: str | None) -> Callable[[int], float | None]:
+def http_call(
+    url: str, image_b64: str | None, stream: bool = False
+) -> Callable[[int], float | None]:
+    import json
+
     import httpx
 
     # made up front: creating an httpx.Client (its TLS context) costs tens of ms
@@ -124,17 +158,22 @@ def http_call(url: str, image_b64: str | None) -> Callable[[int], float | None]:
         msg: dict[str, Any] = {"role": "user", "content": question(i)}
         if image_b64 is not None:
             msg["images"] = [image_b64]
-        r = client.post(
-            "/api/chat",
-            json={
-                "model": "bench",
-                "messages": [msg],
-                "stream": False,
-                "options": {"temperature": 0, "seed": 1, "num_predict": NEW_TOKENS},
-            },
-        )
-        r.raise_for_status()
-        return float(r.json()["total_duration"]) / 1e6
+        body = {
+            "model": "bench",
+            "messages": [msg],
+            "stream": stream,
+            "options": {"temperature": 0, "seed": 1, "num_predict": NEW_TOKENS},
+        }
+        if not stream:
+            r = client.post("/api/chat", json=body)
+            r.raise_for_status()
+            return float(r.json()["total_duration"]) / 1e6
+        last = ""
+        with client.stream("POST", "/api/chat", json=body) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                last = line or last
+        return float(json.loads(last)["total_duration"]) / 1e6
 
     return call
 
@@ -204,6 +243,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=40, help="text requests per row")
     ap.add_argument("--image-requests", type=int, default=24, help="image requests per row")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama-cpp-python")
+    ap.add_argument(
+        "--server-cmd",
+        help="the command that runs mmchat for the server (default: this Python -m mmchat)",
+    )
     args = ap.parse_args()
 
     if args.model is None:
@@ -219,17 +262,17 @@ def main() -> None:
 
     Store(home).register("bench", model=args.model, mmproj=args.mmproj)
 
-    proc, url = start_server(home, args.ctx, args.threads)
+    proc, url = start_server(home, args.ctx, args.threads, args.server_cmd)
     results: dict[tuple[str, str, int], Run] = {}
     try:
         import httpx
 
-        with httpx.Client(base_url=url) as version_client:
+        version_client = httpx.Client(base_url=url)
 
-            def version(i: int) -> None:
-                version_client.get("/api/version").raise_for_status()
+        def version(i: int) -> None:
+            version_client.get("/api/version").raise_for_status()
 
-            floor = measure(version, 200, 1)
+        measure(version, 20, 1)
         from mmchat.runtime import LoadOptions, load_model
 
         model = load_model(
@@ -249,10 +292,12 @@ def main() -> None:
                     n_threads=args.threads,
                     verbose=False,
                 )
+        floors: list[Run] = []
         for work, n in (("text", args.requests), ("image", args.image_requests)):
             img = work == "image"
             paths: dict[str, Callable[[int], float | None]] = {
                 "http": http_call(url, image_b64 if img else None),
+                "http streamed": http_call(url, image_b64 if img else None, stream=True),
                 "mmchat in-process": mmchat_call(model, image_bytes if img else None),
             }
             if llm is not None:
@@ -260,10 +305,17 @@ def main() -> None:
             for call in paths.values():
                 with quiet_stderr():
                     measure(call, 16, 8)  # warm-up: load, first image, caches, connections
-            for clients in (1, 8):
-                for name, call in paths.items():  # interleaved: machine load hits all alike
-                    with quiet_stderr():
-                        results[(work, name, clients)] = measure(call, n, clients)
+            with quiet_stderr():
+                turns = measure_turns({**paths, "GET /api/version": version}, n)
+            floors.append(turns.pop("GET /api/version"))
+            for name, run in turns.items():
+                results[(work, name, 1)] = run
+            for name, call in paths.items():
+                if name == "http streamed":
+                    continue
+                with quiet_stderr():
+                    results[(work, name, 8)] = measure(call, n, 8)
+        version_client.close()
     finally:
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -282,27 +334,31 @@ def main() -> None:
             f"| {work} | {clients} | {name} | {r.rps:.1f} | "
             f"{r.pct(r.latencies_ms, 50):.1f} | {r.pct(r.latencies_ms, 99):.1f} |"
         )
+    floor = Run(latencies_ms=[ms for f in floors for ms in f.latencies_ms])
     print()
     print(
-        f"HTTP floor on this machine, same conditions: GET /api/version on a keep-alive "
-        f"connection, p50 {floor.pct(floor.latencies_ms, 50):.2f} ms, "
+        f"HTTP floor on this machine, taking turns with the requests above: GET /api/version "
+        f"on a keep-alive connection, p50 {floor.pct(floor.latencies_ms, 50):.2f} ms, "
         f"p99 {floor.pct(floor.latencies_ms, 99):.2f} ms ({len(floor.latencies_ms)} requests)"
     )
     print()
     print(
-        "| work | clients | HTTP overhead p50 ms (latency - server total) | p99 ms "
-        "| p50(http) - p50(in-process) ms |"
+        "| work | clients | path | HTTP overhead: p50(http) - p50(in-process) ms "
+        "| p50(latency - server total_duration) ms | p99 ms |"
     )
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | --- | ---: | ---: | ---: |")
     for work in ("text", "image"):
         for clients in (1, 8):
-            h = results[(work, "http", clients)]
             m = results[(work, "mmchat in-process", clients)]
-            diff = h.pct(h.latencies_ms, 50) - m.pct(m.latencies_ms, 50)
-            print(
-                f"| {work} | {clients} | {h.pct(h.overheads_ms, 50):.2f} | "
-                f"{h.pct(h.overheads_ms, 99):.2f} | {diff:.1f} |"
-            )
+            for name in ("http", "http streamed"):
+                h = results.get((work, name, clients))
+                if h is None:
+                    continue
+                diff = h.pct(h.latencies_ms, 50) - m.pct(m.latencies_ms, 50)
+                print(
+                    f"| {work} | {clients} | {name} | {diff:.2f} | "
+                    f"{h.pct(h.overheads_ms, 50):.2f} | {h.pct(h.overheads_ms, 99):.2f} |"
+                )
 
 
 if __name__ == "__main__":

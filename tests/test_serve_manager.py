@@ -190,3 +190,28 @@ def test_a_failed_load_leaves_nothing_behind() -> None:
     with pytest.raises(UserError, match="not a GGUF"):
         mgr.acquire(rec("a"))
     assert mgr.loaded() == []
+
+
+def test_resolve_cache_follows_the_manifest(tmp_path: Path) -> None:
+    """Resolved records are cached by manifest identity: a re-registered model (other
+    params), a removed model and a missing blob are all seen on the next request."""
+    from support.models import converted
+
+    from mmchat.errors import NotFoundError
+    from mmchat.store import Store
+
+    model, _ = converted("llava15_hf")
+    store = Store(tmp_path)
+    store.register("a", model=model, params={"temperature": 0.5})
+    mgr = ModelManager(loader=Loader(), store=store)
+    first = mgr.resolve("a")
+    assert mgr.resolve("a") is first  # cached
+    store.register("a", model=model, params={"temperature": 0.25})
+    assert mgr.resolve("a").params["temperature"] == 0.25
+    blob = mgr.resolve("a").model_path
+    blob.unlink()
+    with pytest.raises(UserError, match="missing or damaged"):
+        mgr.resolve("a")
+    store.remove("a")
+    with pytest.raises(NotFoundError):
+        mgr.resolve("a")

@@ -3,7 +3,10 @@
 The worker thread does everything that blocks — resolving the model in the store,
 decoding images, loading the model, waiting for its turn (the model's FIFO lock),
 evaluating the prompt, sampling — and hands ``Token``/``Done`` events (or the exception
-that stopped it) to the event loop through an ``asyncio.Queue``. The handler waits for the
+that stopped it) to the event loop through a locked deque: the worker wakes the loop only
+when the loop may be waiting (one ``call_soon_threadsafe`` per batch, not per token), and
+the loop takes every item that is already there without waiting (:meth:`Generation.ready`),
+so tokens that pile up while the loop is busy go out in one write. The handler waits for the
 first item before it answers, so an error that happens before any text (unknown model,
 bad image, context overflow, load failure) is a proper HTTP status with a JSON body; later
 errors go into the stream.
@@ -22,6 +25,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -78,7 +82,10 @@ class Generation:
     t_start: float = field(default_factory=time.perf_counter)
     prepared: Prepared | None = None
     load_ms: float = 0.0
-    _queue: asyncio.Queue[Item] | None = None
+    _items: deque[Item] = field(default_factory=deque)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _signalled: bool = False  # a wake-up of the loop is scheduled (guarded by _lock)
+    _wakeup: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _session: Any = None
@@ -87,13 +94,19 @@ class Generation:
     # ------------------------------------------------------------------ worker side
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue()
+        self._wakeup = asyncio.Event()
         WORKERS.submit(self._run)
 
-    def _put(self, item: Item) -> None:
-        assert self._loop is not None and self._queue is not None
+    def _put(self, *items: Item) -> None:
+        """Hand ``items`` to the loop; wake it only if no wake-up is pending already."""
+        assert self._loop is not None and self._wakeup is not None
+        with self._lock:
+            self._items.extend(items)
+            if self._signalled:
+                return
+            self._signalled = True
         with contextlib.suppress(RuntimeError):  # the loop is gone (server shutting down)
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._wakeup.set)
 
     def _run(self) -> None:
         from mmchat.runtime import Done
@@ -151,8 +164,9 @@ class Generation:
             # The reply's last event goes out only now: a client that saw it can rely on the
             # model being free again (and unloaded already, with keep_alive 0).
             if done is not None:
-                self._put(done)
-            self._put(_End())
+                self._put(done, _End())
+            else:
+                self._put(_End())
 
     # ------------------------------------------------------------------ loop side
     def cancel(self) -> None:
@@ -162,15 +176,40 @@ class Generation:
         if session is not None:
             session.cancel()
 
+    def _pop(self) -> tuple[bool, Item]:
+        """(True, item) if one is there; else (False, None), and the next put wakes us."""
+        assert self._wakeup is not None
+        with self._lock:
+            if self._items:
+                return True, self._items.popleft()
+            self._signalled = False
+            self._wakeup.clear()
+        return False, None
+
+    def ready(self) -> bool:
+        """True if :meth:`next` would return at once (an item is already there)."""
+        with self._lock:
+            return bool(self._items) or self._finished
+
+    async def _get(self) -> Item:
+        assert self._wakeup is not None
+        while True:
+            found, item = self._pop()
+            if found:
+                return item
+            await self._wakeup.wait()
+
     async def next(self, request: Request | None = None) -> Item:
         """The next item; with ``request``, cancel and return ``_End`` if the client leaves."""
-        assert self._queue is not None
         if self._finished:
             return _End()
-        if request is None:
-            item = await self._queue.get()
+        found, item = self._pop()  # one already there: no waiting, no disconnect watcher
+        if found:
+            pass
+        elif request is None:
+            item = await self._get()
         else:
-            getter = asyncio.ensure_future(self._queue.get())
+            getter = asyncio.ensure_future(self._get())
             watcher = asyncio.ensure_future(_wait_disconnect(request))
             try:
                 done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)

@@ -20,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from mmchat.errors import UserError
@@ -153,26 +155,56 @@ class ModelManager:
         self._load_options = load_options
         self._loader = loader
         self._store = store
+        self._opened: Any = None  # the Store for the current MMCHAT_HOME (store=None)
         self._entries: dict[str, Entry] = {}
         self._cond = threading.Condition()
         self._load_lock = threading.Lock()
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
+        # (store home, name) -> (manifest path, its signature, record): see resolve()
+        self._resolved: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
 
     # ------------------------------------------------------------------ store
     @property
     def store(self) -> Any:
         if self._store is None:
-            from mmchat.store import open_store
+            from mmchat.settings import load_settings
+            from mmchat.store import Store
 
-            return open_store()
+            home = load_settings().home  # read each time: MMCHAT_HOME may change (tests)
+            opened = self._opened
+            if opened is None or opened.home != Path(home).expanduser():
+                opened = self._opened = Store(Path(home).expanduser())
+            return opened
         return self._store
 
     def resolve(self, name: str) -> Any:
-        """The store record for ``name`` (``NotFoundError`` → 404 naming it)."""
+        """The store record for ``name`` (``NotFoundError`` → 404 naming it).
+
+        The record is cached per store and name, keyed by the manifest file's identity
+        (inode, size, mtime, ctime): a hit costs a ``stat`` of the manifest and of each
+        blob (still checked on every request) instead of parsing the manifest again.
+        """
         if not isinstance(name, str) or not name.strip():
             raise ApiError(400, "model is required (a name from /api/tags)")
-        return self.store.resolve(name.strip())
+        key = name.strip()
+        store = self.store
+        cache_key = (str(store.home), key)
+        hit = self._resolved.get(cache_key)
+        if hit is not None:
+            path, signature, record = hit
+            if _file_signature(path) == signature and all(
+                store.has_blob(part["digest"], part.get("size")) for part in record.parts.values()
+            ):
+                return record
+        record = store.resolve(key)
+        path = getattr(record, "manifest_path", None)
+        signature = _file_signature(path) if path is not None else None
+        if signature is not None:
+            if len(self._resolved) >= 256:
+                self._resolved.clear()
+            self._resolved[cache_key] = (path, signature, record)
+        return record
 
     # ------------------------------------------------------------------ lifetime
     def start(self) -> None:
@@ -371,6 +403,15 @@ class ModelManager:
     def is_loaded(self, name: str) -> bool:
         with self._cond:
             return name in self._entries
+
+
+def _file_signature(path: Any) -> tuple[int, int, int, int] | None:
+    """What changes when a file is rewritten (in place or by rename); None if it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _stored_num_ctx(record: Any) -> int | None:

@@ -193,17 +193,26 @@ async def _run(
         return Response(status_code=499)
 
     async def lines() -> AsyncIterator[bytes]:
+        # Lines for items that are already there go out together: one write, not one each.
         item = first
+        batch: list[bytes] = []
         try:
             while not is_end(item):
                 if isinstance(item, BaseException):
-                    yield _line({"error": as_api_error(item).message})
-                    return
+                    batch.append(_line({"error": as_api_error(item).message}))
+                    break
                 if isinstance(item, Token) and item.text:
-                    yield _line({**head(), **piece(item.text), "done": False})
+                    batch.append(_line({**head(), **piece(item.text), "done": False}))
                 elif isinstance(item, Done):
-                    yield _line({**head(), **piece(""), "done": True, **_final_fields(gen, item)})
+                    batch.append(
+                        _line({**head(), **piece(""), "done": True, **_final_fields(gen, item)})
+                    )
+                if batch and not gen.ready():
+                    yield b"".join(batch)
+                    batch = []
                 item = await gen.next()
+            if batch:
+                yield b"".join(batch)
         finally:
             gen.cancel_unless_finished()
 

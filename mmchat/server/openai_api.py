@@ -223,32 +223,40 @@ async def chat_completions(req: S.ChatCompletionRequest, request: Request) -> Re
         return _event(body)
 
     async def events() -> AsyncIterator[bytes]:
+        # Events for items that are already there go out together: one write, not one each.
         item = first
+        batch = [chunk({"role": "assistant", "content": ""}, None)]
         try:
-            yield chunk({"role": "assistant", "content": ""}, None)
             while not is_end(item):
                 if isinstance(item, BaseException):
                     err = as_api_error(item)
-                    yield _event(error_body(path, err.status, err.message, err.code))
-                    return
+                    batch.append(_event(error_body(path, err.status, err.message, err.code)))
+                    break
                 if isinstance(item, Token) and item.text:
-                    yield chunk({"content": item.text}, None)
+                    batch.append(chunk({"content": item.text}, None))
                 elif isinstance(item, Done):
-                    yield chunk({}, _finish_reason(item.done_reason))
+                    batch.append(chunk({}, _finish_reason(item.done_reason)))
                     if include_usage:
-                        yield _event(
-                            {
-                                "id": ident,
-                                "object": "chat.completion.chunk",
-                                "created": created,
-                                "model": req.model,
-                                "system_fingerprint": fingerprint,
-                                "choices": [],
-                                "usage": usage(item),
-                            }
+                        batch.append(
+                            _event(
+                                {
+                                    "id": ident,
+                                    "object": "chat.completion.chunk",
+                                    "created": created,
+                                    "model": req.model,
+                                    "system_fingerprint": fingerprint,
+                                    "choices": [],
+                                    "usage": usage(item),
+                                }
+                            )
                         )
-                    yield b"data: [DONE]\n\n"
+                    batch.append(b"data: [DONE]\n\n")
+                if batch and not gen.ready():
+                    yield b"".join(batch)
+                    batch = []
                 item = await gen.next()
+            if batch:
+                yield b"".join(batch)
         finally:
             gen.cancel_unless_finished()
 
