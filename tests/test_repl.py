@@ -256,12 +256,14 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session(
         if len(fed) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(PlainStream, "feed", feed)
-    assert chat.handle("tell me a long story") is Outcome.OK
-    assert "(stopped)" in screen.text
-    assert chat.interrupted
-    assert chat.session.messages[-1].interrupted
-    monkeypatch.undo()
+    # monkeypatch.context(): undoing the whole fixture would also undo the autouse
+    # isolated-home environment for the rest of the test
+    with monkeypatch.context() as patch:
+        patch.setattr(PlainStream, "feed", feed)
+        assert chat.handle("tell me a long story") is Outcome.OK
+        assert "(stopped)" in screen.text
+        assert chat.interrupted
+        assert chat.session.messages[-1].interrupted
     assert chat.handle("and then?") is Outcome.OK
     assert chat.session.messages[-1].role == "assistant"
     assert not chat.session.messages[-1].interrupted

@@ -161,14 +161,14 @@ def test_crash_between_blob_and_manifest_leaves_no_manifest(
     def crash(self: Store, path: Path, manifest: dict[str, object]) -> None:
         raise KeyboardInterrupt("power cut")
 
-    monkeypatch.setattr(Store, "_write_manifest", crash)
-    with pytest.raises(KeyboardInterrupt):
-        store.register("crashy", model=ggufs["text"], mmproj=ggufs["mmproj"])
+    with monkeypatch.context() as patch:
+        patch.setattr(Store, "_write_manifest", crash)
+        with pytest.raises(KeyboardInterrupt):
+            store.register("crashy", model=ggufs["text"], mmproj=ggufs["mmproj"])
     assert len(_blobs(store)) == 2  # blobs were written first...
     assert store.list_models() == []  # ...but no manifest points anywhere
     with pytest.raises(NotFoundError):
         store.resolve("crashy")
-    monkeypatch.undo()
     rec = store.register("crashy", model=ggufs["text"], mmproj=ggufs["mmproj"])
     assert len(_blobs(store)) == 2 and rec.model_path.exists()
 
@@ -187,10 +187,10 @@ def test_crash_inside_manifest_write_leaves_old_manifest_intact(
             raise OSError("disk full")
         real_replace(src, dst)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(store_mod.os, "replace", failing_replace)
-    with pytest.raises(OSError):
-        store.register("m", model=ggufs["text2"])
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(store_mod.os, "replace", failing_replace)
+        with pytest.raises(OSError):
+            store.register("m", model=ggufs["text2"])
     assert (store.manifests_dir / "m" / "latest.json").read_text() == before
     assert [p.name for p in (store.manifests_dir / "m").iterdir()] == ["latest.json"]
 
