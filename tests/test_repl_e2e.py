@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -49,10 +50,14 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Terminal:
     """A spawned ``mmchat run`` in a pseudo-terminal."""
 
-    def __init__(self, args: list[str], **env: str) -> None:
+    def __init__(self, args: list[str], *, ignore_sigint: bool = False, **env: str) -> None:
         self.child = pexpect.spawn(
             sys.executable,
             ["-m", "mmchat", "run", *args],
@@ -60,6 +65,8 @@ class Terminal:
             encoding="utf-8",
             dimensions=(40, 120),
             timeout=30,
+            # as when started from a non-interactive shell's background job: SIG_IGN
+            preexec_fn=_ignore_sigint if ignore_sigint else None,
         )
         self.seen = ""
         log = os.environ.get("MMCHAT_TEST_PTY_LOG")
@@ -163,12 +170,17 @@ def test_interactive_session(
     assert "smile.png" in saved and "What is in this image?" in saved
 
 
+@pytest.mark.parametrize("inherited", [False, True], ids=["sigint-default", "sigint-ignored"])
 def test_ctrl_c_stops_a_reply_and_the_session_goes_on(
-    files: tuple[Path, Path], workdir: Path, terminals: list[Terminal]
+    files: tuple[Path, Path], workdir: Path, terminals: list[Terminal], inherited: bool
 ) -> None:
+    """Also when mmchat inherits SIGINT ignored (a background job of a non-interactive
+    shell, some launchers): Ctrl-C was then echoed and ignored while a reply streamed."""
     # Seed 2 never emits end-of-sequence: the reply runs until the 8192-token context is
     # full (~7 s), so the Ctrl-C below always lands mid-reply, however fast the machine.
-    term = Terminal(_model_args(files, "--plain", "--seed", "2", "--ctx", "8192"))
+    term = Terminal(
+        _model_args(files, "--plain", "--seed", "2", "--ctx", "8192"), ignore_sigint=inherited
+    )
     terminals.append(term)
     term.prompt()
     term.send("tell me a long story")

@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -195,6 +197,20 @@ def make_prompt_session(
     )
 
 
+def _enable_ctrl_c() -> None:
+    """Make Ctrl-C stop a reply even when mmchat was started with SIGINT ignored.
+
+    A process started in the background by a non-interactive shell (or by a launcher that
+    ignores SIGINT) inherits SIG_IGN, and Python then installs no KeyboardInterrupt
+    handler: Ctrl-C would be echoed and ignored while a reply streams. The interactive
+    REPL is the one place where the user's intent is unambiguous, so it takes SIGINT back.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run_repl(
     chat: Chat,
     *,
@@ -203,6 +219,7 @@ def run_repl(
     output: Any = None,
 ) -> None:
     """Read and handle messages until ``/bye`` or Ctrl-D."""
+    _enable_ctrl_c()
     session = make_prompt_session(history_file=history_file, input=input, output=output)
     default = ""
     while True:
