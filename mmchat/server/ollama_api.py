@@ -20,8 +20,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from mmchat import __version__
 from mmchat.server import schemas as S
 from mmchat.server.chat import Generation, Loaded, Prepared, is_end
+from mmchat.server.conversation import Turn, build_conversation
 from mmchat.server.errors import ApiError, as_api_error, error_body
-from mmchat.server.images import RawImage, decode_base64, prepare
+from mmchat.server.images import RawImage, decode_base64
 from mmchat.server.models import parse_keep_alive
 from mmchat.server.params import base_params, with_format, with_options
 from mmchat.server.state import ServerState, state_of
@@ -60,11 +61,7 @@ def _messages(
     raw: Sequence[tuple[str, str, list[str]]], state: ServerState, record: Any
 ) -> tuple[str | None, list[Any]]:
     """(role, content, base64 images) triples → (system prompt, runtime messages)."""
-    from mmchat.runtime import Message
-
-    system_parts: list[str] = []
-    turns: list[tuple[str, str, list[RawImage]]] = []
-    n_images = 0
+    turns: list[Turn] = []
     for i, (role, content, images) in enumerate(raw, 1):
         if role not in ROLES:
             raise ApiError(
@@ -74,31 +71,8 @@ def _messages(
             RawImage(decode_base64(b, f"image {j} of message {i}"), f"image {j} of message {i}")
             for j, b in enumerate(images, 1)
         ]
-        n_images += len(decoded)
-        if role == "system":
-            if decoded:
-                raise ApiError(400, f"message {i} is a system message with images")
-            system_parts.append(content)
-            continue
-        turns.append((role, content, decoded))
-    state.limits.check_image_count(n_images)
-    if n_images and "vision" not in record.capabilities:
-        raise ApiError(
-            400,
-            f"model {record.name!r} cannot see images (it has no vision projector); "
-            "send text only or use a vision model",
-            code="model_has_no_vision",
-        )
-    if turns and turns[-1][0] != "user":
-        raise ApiError(400, "the last message must be the user's")
-    if not turns and system_parts:
-        raise ApiError(400, "the messages have no user message")
-    out = []
-    for role, content, decoded in turns:
-        prepared = prepare(decoded, state.max_image_pixels) if decoded else []
-        out.append(Message(role, content, prepared))
-    system = "\n\n".join(p for p in system_parts if p) or None
-    return system, out
+        turns.append(Turn(i, role, content, decoded))
+    return build_conversation(turns, state, record, allow_empty=True)
 
 
 def _options(options: S.OllamaOptions | None) -> tuple[dict[str, Any], int | None]:

@@ -15,8 +15,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from mmchat.server import schemas as S
 from mmchat.server.chat import Generation, Loaded, Prepared, is_end
+from mmchat.server.conversation import Turn, build_conversation
 from mmchat.server.errors import ApiError, as_api_error, error_body
-from mmchat.server.images import RawImage, decode_image_url, prepare
+from mmchat.server.images import RawImage, decode_image_url
 from mmchat.server.models import parse_keep_alive
 from mmchat.server.params import base_params, schema_grammar
 from mmchat.server.state import ServerState, state_of
@@ -105,14 +106,11 @@ def _sampling(req: S.ChatCompletionRequest, record: Any) -> Any:
 
 def _prepare(req: S.ChatCompletionRequest, state: ServerState) -> Callable[[], Prepared]:
     def run() -> Prepared:
-        from mmchat.runtime import Message
 
         record = state.manager.resolve(req.model)
         keep = parse_keep_alive(req.keep_alive, state.manager.default_keep_alive)
         params = _sampling(req, record)
-        system_parts: list[str] = []
-        turns: list[tuple[str, str, list[RawImage]]] = []
-        n_images = 0
+        turns: list[Turn] = []
         for i, msg in enumerate(req.messages, 1):
             role = ROLES.get(msg.role)
             if role is None:
@@ -122,28 +120,8 @@ def _prepare(req: S.ChatCompletionRequest, state: ServerState) -> Callable[[], P
                     "user and assistant",
                 )
             text, images = _parts(msg, i)
-            n_images += len(images)
-            if role == "system":
-                if images:
-                    raise ApiError(400, f"message {i} is a system message with images")
-                system_parts.append(text)
-            else:
-                turns.append((role, text, images))
-        state.limits.check_image_count(n_images)
-        if n_images and "vision" not in record.capabilities:
-            raise ApiError(
-                400,
-                f"model {record.name!r} cannot see images (it has no vision projector); "
-                "send text only or use a vision model",
-                code="model_has_no_vision",
-            )
-        if not turns or turns[-1][0] != "user":
-            raise ApiError(400, "the last message must be the user's")
-        messages = [
-            Message(role, text, prepare(images, state.max_image_pixels) if images else [])
-            for role, text, images in turns
-        ]
-        system = "\n\n".join(p for p in system_parts if p) or None
+            turns.append(Turn(i, role, text, images))
+        system, messages = build_conversation(turns, state, record, allow_empty=False)
         return Prepared(record, messages, system, params, None, keep)
 
     return run
