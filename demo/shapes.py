@@ -79,8 +79,8 @@ HELDOUT_SEEDS = range(900_000_000, 1_000_000_000)
 TEST_SEEDS = range(2_000_000_000, 2_100_000_000)
 
 MIN_DX = 0.22  # two shapes' centres differ by at least this fraction of the width
-SIZE_ONE = (0.34, 0.62)  # shape size (bounding circle diameter) / shorter side
-SIZE_TWO = (0.28, 0.40)
+SIZE_ONE = (0.40, 0.70)  # shape size (bounding circle diameter) / shorter side
+SIZE_TWO = (0.32, 0.46)
 
 
 @dataclass(frozen=True)
@@ -208,6 +208,16 @@ def _polygon(
 
 
 SUPERSAMPLE = 2
+
+
+def scaled(scene: Scene, factor: float) -> Scene:
+    """The same scene drawn ``factor`` times as large (pictures are compared after resizing)."""
+    shapes = tuple(
+        Shape(s.kind, s.colour, s.rgb, s.cx * factor, s.cy * factor, s.size * factor, s.angle)
+        for s in scene.shapes
+    )
+    w, h = max(1, round(scene.width * factor)), max(1, round(scene.height * factor))
+    return Scene(w, h, scene.background, shapes, scene.noise_seed)
 
 
 def render(scene: Scene) -> Image.Image:

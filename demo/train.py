@@ -40,6 +40,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -56,7 +57,7 @@ DEFAULT_LOG = ROOT / "demo" / "train.log"
 class Config:
     seed: int = 8
     # vision (CLIP ViT)
-    image_size: int = 48
+    image_size: int = 64
     patch_size: int = 8
     v_hidden: int = 128
     v_ffn: int = 512
@@ -70,11 +71,15 @@ class Config:
     max_pos: int = 2048
     sp_vocab: int = 512
     # training
-    steps: int = 2000
+    steps: int = 1000
     batch: int = 32
     lr: float = 1.5e-3
     warmup: int = 100
     weight_decay: float = 0.02
+    # phase 1: the vision tower alone on per-patch labels
+    v_steps: int = 2000
+    v_batch: int = 64
+    v_lr: float = 2e-3
     # evaluation
     n_heldout: int = 200
 
@@ -381,22 +386,71 @@ def check_skip(model: Any, full_layers: Any, ids: Any, px: Any) -> None:
         raise SystemExit("the training shortcut changes the image features")
 
 
+class AuxHeads:
+    """Training-only linear heads on the image features LLaVA passes to the projector
+    (tower hidden state -2): for every patch, which shape and which colour covers it.
+
+    Dense labels teach the from-scratch ViT shapes far faster than the answer tokens alone
+    can (whose gradient reaches the tower through the whole language model). The heads are
+    not part of the model and are not saved."""
+
+    def __init__(self, width: int) -> None:
+        import torch
+
+        self.heads = torch.nn.ModuleList(
+            [
+                torch.nn.Linear(width, 1 + len(S.SHAPES)),  # which shape covers the patch
+                torch.nn.Linear(width, 1 + len(S.COLOURS)),  # which colour
+                torch.nn.Linear(width, 3),  # the left or the right shape
+            ]
+        )
+
+    def parameters(self) -> list[Any]:
+        return list(self.heads.parameters())
+
+    def loss(self, v: Any, patch: Any) -> Any:
+        """Summed cross-entropy of the heads (``v``: [B, patches, width], ``patch``: [B,
+        patches, 3])."""
+        import torch.nn.functional as F
+
+        return sum(
+            F.cross_entropy(head(v).flatten(0, 1), patch[..., k].flatten())
+            for k, head in enumerate(self.heads)
+        )
+
+    def accuracy(self, v: Any, patch: Any) -> list[float]:
+        """Per head: accuracy on the patches a shape covers."""
+        fg = patch[..., 0] > 0
+        return [
+            float((head(v).argmax(-1) == patch[..., k])[fg].float().mean())
+            for k, head in enumerate(self.heads)
+        ]
+
+
 def train_loss(model: Any, ids: Any, labels: Any, mask: Any, px: Any) -> Any:
-    """Cross-entropy of the answer tokens (the LM head only where there is a label)."""
+    """Cross-entropy of the answer tokens, the tower frozen (phase 2, as LLaVA keeps CLIP
+    frozen); the LM head runs only where there is a label."""
+    import torch
     import torch.nn.functional as F
 
-    feats = model.model.get_image_features(
-        px,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        output_hidden_states=True,
+    with torch.no_grad():
+        v = tower_features(model, px)  # hidden state -2 without the class token
+    image = model.model.multi_modal_projector(v)
+    out = model.model(
+        input_ids=ids,
+        attention_mask=mask,
+        mm_encoder_outputs={"image": SimpleNamespace(pooler_output=list(image))},
     )
-    out = model.model(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": feats})
     h = out.last_hidden_state[:, :-1]
     target = labels[:, 1:]
     sel = target != -100
-    logits = model.lm_head(h[sel])
-    return F.cross_entropy(logits, target[sel])
+    return F.cross_entropy(model.lm_head(h[sel]), target[sel])
+
+
+def tower_features(model: Any, px: Any) -> Any:
+    """The patch features LLaVA hands to the projector (with the training shortcut on)."""
+    out = model.model.vision_tower(px, output_hidden_states=True)
+    return out.hidden_states[-1][:, 1:]
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -404,7 +458,7 @@ def train_loss(model: Any, ids: Any, labels: Any, mask: Any, px: Any) -> Any:
 
 def sample(
     seed: int, cfg: Config, tok: Tok, image_id: int
-) -> tuple[np.ndarray, list[int], list[int]]:
+) -> tuple[np.ndarray, list[int], list[int], np.ndarray]:
     rng = np.random.default_rng([seed, 7])
     scene = S.random_scene(seed)
     n_turns = int(rng.integers(1, len(S.INTENTS) + 1))
@@ -418,7 +472,37 @@ def sample(
     n_image = (cfg.image_size // cfg.patch_size) ** 2
     ids, labels = conversation_ids(tok, turns, n_image, image_id)
     px = S.llava_pixels(S.render(scene), cfg.image_size)
-    return px, ids, labels
+    return px, ids, labels, patch_labels(scene, cfg.image_size, cfg.patch_size)
+
+
+def patch_labels(scene: S.Scene, size: int, patch: int) -> np.ndarray:
+    """[patches, 3]: (shape 1..4, colour 1..6, 1 = left / 2 = right shape) of the shape
+    covering at least a fifth of each patch of the preprocessed picture (padded to a square,
+    resized), else zeros."""
+    from PIL import Image, ImageDraw
+
+    w, h = scene.width, scene.height
+    side = max(w, h)
+    mask = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(mask)
+    ox, oy = (side - w) // 2, (side - h) // 2
+    for i, s in enumerate(scene.shapes):
+        if s.kind == "circle":
+            r = s.size / 2
+            draw.ellipse([ox + s.cx - r, oy + s.cy - r, ox + s.cx + r, oy + s.cy + r], fill=i + 1)
+        else:
+            draw.polygon(S._polygon(s.kind, ox + s.cx, oy + s.cy, s.size, s.angle), fill=i + 1)
+    m = np.asarray(mask.resize((size, size), Image.NEAREST))
+    g = size // patch
+    blocks = m.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, patch * patch)
+    out = np.zeros((g * g, 3), dtype=np.int64)
+    for j, block in enumerate(blocks):
+        counts = np.bincount(block, minlength=len(scene.shapes) + 1)[1:]
+        if counts.max() * 5 >= patch * patch:
+            i = int(counts.argmax())
+            s = scene.shapes[i]
+            out[j] = (1 + S.SHAPES.index(s.kind), 1 + list(S.COLOURS).index(s.colour), 1 + i)
+    return out
 
 
 def batch_for(step: int, cfg: Config, tok: Tok, image_id: int, pad_id: int) -> Any:
@@ -427,16 +511,48 @@ def batch_for(step: int, cfg: Config, tok: Tok, image_id: int, pad_id: int) -> A
     base = cfg.seed * 10_000_000 + step * cfg.batch
     items = [sample(base + j, cfg, tok, image_id) for j in range(cfg.batch)]
     assert base + cfg.batch <= S.TRAIN_SEEDS.stop
-    n = max(len(ids) for _, ids, _ in items)
+    n = max(len(it[1]) for it in items)
     ids = torch.full((cfg.batch, n), pad_id, dtype=torch.long)
     labels = torch.full((cfg.batch, n), -100, dtype=torch.long)
     mask = torch.zeros((cfg.batch, n), dtype=torch.long)
-    for j, (_, i, lab) in enumerate(items):
+    for j, (_, i, lab, _) in enumerate(items):
         ids[j, : len(i)] = torch.tensor(i)
         labels[j, : len(lab)] = torch.tensor(lab)
         mask[j, : len(i)] = 1
-    px = torch.from_numpy(np.stack([p for p, _, _ in items]))
-    return ids, labels, mask, px
+    px = torch.from_numpy(np.stack([it[0] for it in items]))
+    patch = torch.from_numpy(np.stack([it[3] for it in items]))
+    return ids, labels, mask, px, patch
+
+
+PRETRAIN_SEED_OFFSET = 5_000_000
+PRETRAIN_MAX_SIDE = 96
+
+
+def vision_batch(step: int, cfg: Config) -> Any:
+    """Pictures + patch labels for the tower's pre-training (drawn at most 96 px: the tower
+    sees them at 48 px anyway, and drawing is the bottleneck of this phase)."""
+    import torch
+
+    base = cfg.seed * 10_000_000 + PRETRAIN_SEED_OFFSET + step * cfg.v_batch
+    assert base + cfg.v_batch <= S.TRAIN_SEEDS.stop
+    px, patch = [], []
+    for j in range(cfg.v_batch):
+        scene = S.random_scene(base + j)
+        scene = S.scaled(scene, min(1.0, PRETRAIN_MAX_SIDE / max(scene.width, scene.height)))
+        px.append(S.llava_pixels(S.render(scene), cfg.image_size))
+        patch.append(patch_labels(scene, cfg.image_size, cfg.patch_size))
+    return torch.from_numpy(np.stack(px)), torch.from_numpy(np.stack(patch))
+
+
+class VisionBatches:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def __len__(self) -> int:
+        return self.cfg.v_steps
+
+    def __getitem__(self, step: int) -> Any:
+        return vision_batch(step, self.cfg)
 
 
 class Batches:
@@ -453,6 +569,20 @@ class Batches:
 
 
 # --- evaluation -----------------------------------------------------------------------------
+
+
+def patch_report(model: Any, aux: AuxHeads, cfg: Config) -> str:
+    import torch
+
+    seeds = S.HELDOUT_SEEDS[-256:]
+    scenes = [S.random_scene(s) for s in seeds]
+    px = torch.from_numpy(np.stack([S.llava_pixels(S.render(sc), cfg.image_size) for sc in scenes]))
+    patch = torch.from_numpy(
+        np.stack([patch_labels(sc, cfg.image_size, cfg.patch_size) for sc in scenes])
+    )
+    with torch.no_grad():
+        acc = aux.accuracy(tower_features(model, px), patch)
+    return "  ".join(f"{a:.1%}" for a in acc)
 
 
 def greedy_answers(
@@ -652,6 +782,9 @@ def save_checkpoint(model: Any, cfg: Config, out: Path, sp_model: bytes, hf_tok:
         pre = t / "preprocessor_config.json"
         if not pre.exists():
             pre.write_text(json.dumps(improc.to_dict(), indent=2, sort_keys=True) + "\n")
+        os.chmod(t, 0o755)  # package data: readable by everyone (mkdtemp makes it 0700)
+        for f in t.iterdir():
+            os.chmod(f, 0o644)
         if out.exists():
             shutil.rmtree(out)
         os.replace(t, out)
@@ -683,7 +816,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint folder")
     ap.add_argument("--log", type=Path, default=DEFAULT_LOG, help="log file")
-    ap.add_argument("--steps", type=int, default=Config.steps)
+    ap.add_argument("--steps", type=int, default=Config.steps, help="phase 2 steps")
+    ap.add_argument("--v-steps", type=int, default=Config.v_steps, help="phase 1 steps")
     ap.add_argument("--batch", type=int, default=Config.batch)
     ap.add_argument("--seed", type=int, default=Config.seed)
     ap.add_argument(
@@ -694,7 +828,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--heldout", type=int, default=Config.n_heldout)
     args = ap.parse_args(argv)
-    cfg = Config(seed=args.seed, steps=args.steps, batch=args.batch, n_heldout=args.heldout)
+    cfg = Config(
+        seed=args.seed,
+        steps=args.steps,
+        v_steps=args.v_steps,
+        batch=args.batch,
+        n_heldout=args.heldout,
+    )
 
     import torch
     import transformers
@@ -742,52 +882,98 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(cfg, vocab, image_id, pad_id)
     model.train()
     full_layers = skip_last_vision_block(model)
-    check_skip(model, full_layers, *batch_for(0, cfg, tok, image_id, pad_id)[::3])
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-        eps=1e-8,
-    )
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
-
-    log(f"training {cfg.steps} steps x {cfg.batch} conversations")
+    first = batch_for(0, cfg, tok, image_id, pad_id)
+    check_skip(model, full_layers, first[0], first[3])
+    aux = AuxHeads(cfg.v_hidden)
     t_train = time.time()
     c_train = time.process_time()
-    running = 0.0
-    loader = torch.utils.data.DataLoader(
-        Batches(cfg, tok, image_id, pad_id),
-        batch_size=None,
-        num_workers=1,  # draws pictures while the main process trains
-        prefetch_factor=4,
-        worker_init_fn=lambda _: torch.set_num_threads(1),
+
+    def clock() -> str:
+        return (
+            f"{time.time() - t_train:6.0f} s  cpu {time.process_time() - c_train:6.0f} s  "
+            f"load {os.getloadavg()[0]:.1f}"
+        )
+
+    def loader(dataset: Any) -> Any:
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=1,  # draws pictures while the main process trains
+            prefetch_factor=4,
+            worker_init_fn=lambda _: torch.set_num_threads(1),
+        )
+
+    def schedule(peak: float, steps: int) -> Any:
+        def lr_at(step: int) -> float:
+            if step < cfg.warmup:
+                return peak * (step + 1) / cfg.warmup
+            p = (step - cfg.warmup) / max(1, steps - cfg.warmup)
+            return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+
+        return lr_at
+
+    def groups(params: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+        decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
+        no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
+        return [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    # phase 1: the tower learns what is where from per-patch labels (cheap: no LM)
+    tower = model.model.vision_tower
+    log(f"phase 1: vision tower alone, {cfg.v_steps} steps x {cfg.v_batch} pictures")
+    opt = torch.optim.AdamW(
+        [*groups(list(tower.named_parameters())), {"params": aux.parameters(), "weight_decay": 0}],
+        lr=cfg.v_lr,
+        betas=(0.9, 0.98),
     )
-    for step, (ids, labels, mask, px) in enumerate(loader):
+    lr_at = schedule(cfg.v_lr, cfg.v_steps)
+    running = 0.0
+    for step, (px, patch) in enumerate(loader(VisionBatches(cfg))):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss = aux.loss(tower_features(model, px), patch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tower.parameters(), 1.0)
+        opt.step()
+        running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
+        if step % 100 == 0 or step == cfg.v_steps - 1:
+            log(f"v-step {step:5d}  patch loss {running:.4f}  lr {lr_at(step):.2e}  {clock()}")
+        if step % 500 == 499:
+            log(
+                "  held-out patch accuracy (shape, colour, left/right): "
+                + patch_report(model, aux, cfg)
+            )
+    log(
+        "phase 1 held-out patch accuracy (shape, colour, left/right): "
+        + patch_report(model, aux, cfg)
+    )
+
+    # phase 2: projector + language model on conversations, the tower frozen
+    tower.requires_grad_(False)
+    tower.eval()
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    log(
+        f"phase 2: projector + language model ({sum(p.numel() for _, p in trained):,} "
+        f"parameters), {cfg.steps} steps x {cfg.batch} conversations"
+    )
+    opt = torch.optim.AdamW(groups(trained), lr=cfg.lr, betas=(0.9, 0.98))
+    lr_at = schedule(cfg.lr, cfg.steps)
+    running = 0.0
+    for step, (ids, labels, mask, px, _) in enumerate(loader(Batches(cfg, tok, image_id, pad_id))):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         loss = train_loss(model, ids, labels, mask, px)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for _, p in trained], 1.0)
         opt.step()
         running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0 or step == cfg.steps - 1:
-            el = time.time() - t_train
-            log(
-                f"step {step:5d}  loss {running:.4f}  lr {lr_at(step):.2e}  "
-                f"{el:6.0f} s  cpu {time.process_time() - c_train:6.0f} s  "
-                f"load {os.getloadavg()[0]:.1f}"
-            )
+            log(f"step {step:5d}  loss {running:.4f}  lr {lr_at(step):.2e}  {clock()}")
+    tower.requires_grad_(True)
     model.model.vision_tower.encoder.layers = full_layers
     model.eval()
     train_s = time.time() - t_train

@@ -29,7 +29,7 @@ PROMPTS = ROOT / "demo" / "prompts.json"
 
 N_DESCRIBE = 50  # one-shape pictures: colour and shape must both be right
 N_COUNT = 20  # one or two shapes: "How many shapes are there?"
-N_PAIRS = 20  # two-shape pictures: both shapes, left to right (reported, looser bar)
+N_PAIRS = 20  # two-shape pictures: both shapes, named left to right
 
 
 def shapes_module() -> Any:
@@ -87,11 +87,17 @@ def test_held_out_seeds_are_disjoint_from_training() -> None:
         (s.TRAIN_SEEDS, s.HELDOUT_SEEDS),
     ):
         assert a.stop <= b.start or b.stop <= a.start
+    # the seeds the committed run drew its pictures from (its config is in the log)
     log = (ROOT / "demo" / "train.log").read_text()
     cfg = json.loads(log.split("config: ", 1)[1].splitlines()[0])
-    first = cfg["seed"] * 10_000_000
-    last = first + cfg["steps"] * cfg["batch"]
-    assert s.TRAIN_SEEDS.start <= first and last <= s.TRAIN_SEEDS.stop
+    base = cfg["seed"] * 10_000_000
+    phase1 = base + 5_000_000  # demo/train.py PRETRAIN_SEED_OFFSET
+    for first, n in (
+        (base, cfg["steps"] * cfg["batch"]),
+        (phase1, cfg["v_steps"] * cfg["v_batch"]),
+    ):
+        assert s.TRAIN_SEEDS.start <= first and first + n <= s.TRAIN_SEEDS.stop
+    assert base + cfg["steps"] * cfg["batch"] <= phase1
 
 
 def test_answers_and_parsers() -> None:
@@ -133,11 +139,13 @@ def test_text_gguf_loads_in_llama_cpp_high_level_api(converted: Any) -> None:
     llm = Llama(str(converted.model_path), vocab_only=True, verbose=False)
     try:
         prompts = json.loads(PROMPTS.read_text())
-        # tokenizer: the prompt start, and the answers round trip
+        # tokenizer: the prompt start, and the answers (a reply follows "ASSISTANT:", so it
+        # starts with "▁" as llama.cpp's dummy prefix gives it) tokenize as trained and back
         assert llm.tokenize(b"USER: ", add_bos=True) == prompts["prompts"][0]["before_image"]
-        for answer in prompts["answers"]:
-            ids = llm.tokenize((" " + answer).encode(), add_bos=False)
-            assert llm.detokenize(ids).decode() == " " + answer
+        for answer, trained in prompts["answers"].items():
+            ids = llm.tokenize(answer.encode(), add_bos=False)
+            assert [*ids, llm.token_eos()] == trained
+            assert llm.detokenize(ids).decode().strip() == answer
         assert llm.token_bos() == 1 and llm.token_eos() == 2
         # the chat template in the GGUF renders the Vicuna-v1 prompt the model was trained on
         template = llm.metadata["tokenizer.chat_template"]
@@ -276,4 +284,43 @@ def test_names_two_shapes_left_to_right(answers: dict[str, Any]) -> None:
     results = [(a, [tuple(o) for o in want]) for a, want in answers["pairs"]]
     ok = [s.parse_objects(a) == want for a, want in results]
     wrong = [f"{a!r} for {want}" for (a, want), good in zip(results, ok, strict=True) if not good]
-    assert sum(ok) >= 0.75 * len(ok), f"{sum(ok)}/{len(ok)} right; wrong: {wrong}"
+    assert sum(ok) >= 0.9 * len(ok), f"{sum(ok)}/{len(ok)} right; wrong: {wrong}"
+
+
+# --- `mmchat run demo` on a fresh machine -------------------------------------------------
+
+
+@pytest.mark.xfail(
+    reason="needs the registry/pull code to accept the 'convert' source of the built-in "
+    "'demo' entry (convert the shipped checkpoint into the store on first use)",
+    strict=False,
+)
+def test_run_demo_converts_the_shipped_checkpoint_offline(
+    isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's first command, on an empty MMCHAT_HOME with the hub unreachable."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmchat",
+            "run",
+            "demo",
+            "What's in this image? examples/red-circle.png",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "A red circle." in proc.stdout
+    from mmchat.store import open_store
+
+    rec = open_store().resolve("demo")
+    assert rec.mmproj_path is not None
+    assert rec.manifest["source"]["type"] == "convert"
+    info = json.dumps(rec.manifest["parts"]["model"].get("info", {}))
+    assert "Q4_K" in info or "q4_k" in info.lower()
