@@ -15,13 +15,25 @@ SentencePiece BPE tokenizer. The text widths are multiples of 256 so that the de
 multiples of 256; others fall back to Q5_0/Q8_0).
 
 Data: ``demo/shapes.py`` draws one or two shapes (4 kinds, 6 colours, any size, position
-and background); each training sequence is a conversation of 1-3 turns about one picture,
-formatted and tokenized exactly as mmchat's runtime formats and tokenizes a chat with the
-converted GGUF (Vicuna-v1 ``USER: <image>\\n... ASSISTANT:``; the text after the image as
-the continuation of the prompt, i.e. without SentencePiece's dummy-prefix space; a space
-prefix after ``</s>`` as llama.cpp adds one after a special token). Pictures are
-preprocessed as original LLaVA does: padded to a square with the mean colour, bicubic
-resize, CLIP normalisation.
+and background). Pictures are preprocessed as original LLaVA and mmchat's vision engine do:
+padded to a square with the mean colour, bicubic resize, CLIP normalisation.
+
+Training, in two phases as LLaVA's recipe (a vision tower trained first, then frozen):
+
+1. the vision tower alone: training-only linear heads on its hidden state -2 (what the
+   projector reads) predict per patch which shape and colour covers it and whether it is
+   the left or the right shape; the heads are discarded;
+2. projector + language model, tower frozen, on conversations of 1-4 turns about one
+   picture, formatted and tokenized exactly as transformers' llava-hf processor and mmchat's
+   runtime do with the converted GGUF (Vicuna v1 ``USER: <image>\n... ASSISTANT:``; only the
+   start of the prompt gets SentencePiece's dummy-prefix space, the text after the image and
+   after ``</s>`` continues without one: ``legacy=False``). The ids are checked against
+   transformers' own tokenization of the rendered template and written to
+   ``demo/prompts.json`` for the test suite.
+
+The run ends by saving the checkpoint (llava-hf hub key layout, float16), reloading it with
+``LlavaForConditionalGeneration.from_pretrained`` (every tensor checked) and printing its
+greedy accuracy on held-out pictures.
 
 Everything is seeded; the run is deterministic for a given ``--threads``.
 """
