@@ -290,11 +290,6 @@ def test_names_two_shapes_left_to_right(answers: dict[str, Any]) -> None:
 # --- `mmchat run demo` on a fresh machine -------------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="needs the registry/pull code to accept the 'convert' source of the built-in "
-    "'demo' entry (convert the shipped checkpoint into the store on first use)",
-    strict=False,
-)
 def test_run_demo_converts_the_shipped_checkpoint_offline(
     isolated_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

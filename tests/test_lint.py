@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PY_DIRS = ["mmchat", "converters", "tests", "benchmarks", "docs"]
+PY_DIRS = ["mmchat", "converters", "tests", "benchmarks", "docs", "demo"]
 
 
 def _tool(name: str) -> list[str]:

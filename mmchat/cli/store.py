@@ -53,7 +53,9 @@ def pull(
         puller = Puller(store, progress=progress)
         plan = puller.plan(mname)
         out.print(f"pulling {plan.name.full} from {plan.source_label}", markup=False)
-        width = max(len(f.filename) for f in plan.files)
+        if not plan.files:
+            out.print("  nothing to download: converting the checkpoint locally", markup=False)
+        width = max((len(f.filename) for f in plan.files), default=0)
         for f in plan.files:
             size = format_bytes(f.size) if f.size is not None else "?"
             state = "  (already present)" if f.present else ""

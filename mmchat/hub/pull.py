@@ -161,7 +161,15 @@ class Puller:
         entry = self.entry(name)
         if entry.source.type == "local":
             return self._plan_local(entry)
+        if entry.source.type == "convert":
+            return self._plan_convert(entry)
         return self._plan_hf(entry)
+
+    def _plan_convert(self, entry: RegistryEntry) -> PullPlan:
+        path = entry.source.checkpoint_path
+        if path is None or not (path / "config.json").is_file():
+            raise NotFoundError(f"{entry.name.full}: checkpoint folder {path} does not exist")
+        return PullPlan(entry.name, entry, [])
 
     def _plan_hf(self, entry: RegistryEntry) -> PullPlan:
         from huggingface_hub import HfApi
@@ -227,6 +235,8 @@ class Puller:
     # ------------------------------------------------------------------ pull
     def pull(self, target: str | ModelName | PullPlan) -> ModelRecord:
         plan = target if isinstance(target, PullPlan) else self.plan(target)
+        if plan.entry.source.type == "convert":
+            return self._pull_convert(plan)
         headers: dict[str, str] = {}
         if plan.entry.source.type == "hf":
             from huggingface_hub.utils import build_hf_headers
@@ -252,6 +262,35 @@ class Puller:
                 raise
             except Exception as exc:
                 raise explain_hf_error(exc, f.remote.repo, f.filename) from exc
+        return self._commit(plan, fetched)
+
+    def _pull_convert(self, plan: PullPlan) -> ModelRecord:
+        """Convert the entry's checkpoint with the normal converter, straight into blobs."""
+        import tempfile
+
+        from mmchat.converters import convert
+
+        src = plan.entry.source
+        checkpoint = src.checkpoint_path
+        assert checkpoint is not None
+        self.store.root.mkdir(parents=True, exist_ok=True)
+        # inside the store, so the results are renamed (not copied) into blobs
+        with tempfile.TemporaryDirectory(prefix=".convert-", dir=self.store.root) as tmp:
+            result = convert(
+                checkpoint,
+                outdir=Path(tmp),
+                name=plan.name.model,
+                quant=src.quant or "q4_k_m",
+                vision_quant=src.vision_quant or "f16",
+            )
+            fetched: dict[str, tuple[str, int]] = {}
+            files: list[PlannedFile] = []
+            for role, path in (("model", result.model_path), ("mmproj", result.mmproj_path)):
+                if path is None:
+                    continue
+                fetched[role] = self.store.ingest(path, move=True)
+                files.append(PlannedFile(role, path.name, fetched[role][1], fetched[role][0]))
+        plan.files = files
         return self._commit(plan, fetched)
 
     def _commit(self, plan: PullPlan, fetched: dict[str, tuple[str, int]]) -> ModelRecord:
@@ -282,6 +321,14 @@ class Puller:
                 "repo": entry.source.repo,
                 "revision": plan.revision,
                 "endpoint": self.endpoint,
+                "files": {f.role: f.filename for f in plan.files},
+            }
+        elif entry.source.type == "convert":
+            source = {
+                "type": "convert",
+                "path": str(entry.source.checkpoint_path),
+                "quant": entry.source.quant or "q4_k_m",
+                "vision_quant": entry.source.vision_quant or "f16",
                 "files": {f.role: f.filename for f in plan.files},
             }
         else:

@@ -13,7 +13,10 @@ A tag is one of
   ``mmproj`` the repository's projector file is chosen. ``"mmproj": null`` means none;
 * a local source ``{"type": "local", "model": path, "mmproj"?: path, "sha256"?: {...}}``,
   paths relative to the folder of the registry file that names them (for models shipped
-  with the package or kept next to a user registry).
+  with the package or kept next to a user registry);
+* a checkpoint converted on first use ``{"type": "convert", "checkpoint": path,
+  "quant"?: "q4_k_m", "vision_quant"?: "f16"}`` (the built-in ``demo``), path likewise
+  relative to the registry file.
 
 Model- and tag-level keys (tag wins): ``description``, ``family``, ``template_hint``,
 ``template``, ``license``, ``params``.
@@ -38,7 +41,7 @@ _MAX_ALIAS_DEPTH = 8
 class Source:
     """Where a model's files come from."""
 
-    type: str  # "hf" or "local"
+    type: str  # "hf", "local" or "convert"
     repo: str | None = None
     revision: str | None = None
     model: str | None = None
@@ -48,11 +51,22 @@ class Source:
     quant: str | None = None
     base_dir: Path | None = None
     sha256: dict[str, str] = field(default_factory=dict)
+    checkpoint: str | None = None
+    """For "convert" sources: the Hugging Face checkpoint folder to convert."""
+    vision_quant: str | None = None
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        if self.checkpoint is None:
+            return None
+        return ((self.base_dir or Path.cwd()) / self.checkpoint).resolve()
 
     def describe(self) -> str:
         if self.type == "hf":
             rev = f"@{self.revision}" if self.revision else ""
             return f"hf.co/{self.repo}{rev}"
+        if self.type == "convert":
+            return f"{self.checkpoint_path}, converted locally (no download)"
         return f"local files in {self.base_dir}"
 
 
@@ -143,6 +157,17 @@ def _source(name: ModelName, spec: dict[str, Any], base_dir: Any) -> Source:
             mmproj_auto=False,
             base_dir=Path(base_dir) if base_dir else None,
             sha256=dict(spec.get("sha256") or {}),
+        )
+    if kind == "convert":
+        if not isinstance(spec.get("checkpoint"), str):
+            raise UserError(f"Registry entry {name.full} (convert) has no 'checkpoint' path")
+        return Source(
+            type="convert",
+            checkpoint=spec["checkpoint"],
+            quant=spec.get("quant"),
+            vision_quant=spec.get("vision_quant"),
+            mmproj_auto=False,
+            base_dir=Path(base_dir) if base_dir else None,
         )
     raise UserError(f"Registry entry {name.full} has unknown source type {kind!r}")
 
