@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -252,3 +252,29 @@ def _is_internal(exc: BaseException) -> bool:
 
 def is_end(item: Item) -> bool:
     return isinstance(item, _End)
+
+
+async def stream_batched(
+    gen: Generation,
+    first: Item,
+    encode: Callable[[Item], list[bytes]],
+    prefix: Iterable[bytes] = (),
+) -> AsyncIterator[bytes]:
+    """The body of a streamed reply: ``encode`` turns each item (a Token, the Done, or an
+    exception, which ends the stream) into wire bytes; the encodings of items that are
+    already waiting go out together, one write instead of one each."""
+    item = first
+    batch = list(prefix)
+    try:
+        while not is_end(item):
+            batch.extend(encode(item))
+            if isinstance(item, BaseException):
+                break
+            if batch and not gen.ready():
+                yield b"".join(batch)
+                batch = []
+            item = await gen.next()
+        if batch:
+            yield b"".join(batch)
+    finally:
+        gen.cancel_unless_finished()

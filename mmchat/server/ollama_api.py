@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from mmchat import __version__
 from mmchat.server import schemas as S
-from mmchat.server.chat import Generation, Loaded, Prepared, is_end
+from mmchat.server.chat import Generation, Loaded, Prepared, is_end, stream_batched
 from mmchat.server.conversation import Turn, build_conversation
 from mmchat.server.errors import ApiError, as_api_error, error_body
 from mmchat.server.images import RawImage, decode_base64
@@ -166,31 +166,16 @@ async def _run(
             item = await gen.next(request)
         return Response(status_code=499)
 
-    async def lines() -> AsyncIterator[bytes]:
-        # Lines for items that are already there go out together: one write, not one each.
-        item = first
-        batch: list[bytes] = []
-        try:
-            while not is_end(item):
-                if isinstance(item, BaseException):
-                    batch.append(_line({"error": as_api_error(item).message}))
-                    break
-                if isinstance(item, Token) and item.text:
-                    batch.append(_line({**head(), **piece(item.text), "done": False}))
-                elif isinstance(item, Done):
-                    batch.append(
-                        _line({**head(), **piece(""), "done": True, **_final_fields(gen, item)})
-                    )
-                if batch and not gen.ready():
-                    yield b"".join(batch)
-                    batch = []
-                item = await gen.next()
-            if batch:
-                yield b"".join(batch)
-        finally:
-            gen.cancel_unless_finished()
+    def encode(item: Any) -> list[bytes]:
+        if isinstance(item, BaseException):
+            return [_line({"error": as_api_error(item).message})]
+        if isinstance(item, Token) and item.text:
+            return [_line({**head(), **piece(item.text), "done": False})]
+        if isinstance(item, Done):
+            return [_line({**head(), **piece(""), "done": True, **_final_fields(gen, item)})]
+        return []
 
-    return StreamingResponse(lines(), media_type=NDJSON)
+    return StreamingResponse(stream_batched(gen, first, encode), media_type=NDJSON)
 
 
 def _line(obj: dict[str, Any]) -> bytes:

@@ -7,14 +7,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from mmchat.server import schemas as S
-from mmchat.server.chat import Generation, Loaded, Prepared, is_end
+from mmchat.server.chat import Generation, Loaded, Prepared, is_end, stream_batched
 from mmchat.server.conversation import Turn, build_conversation
 from mmchat.server.errors import ApiError, as_api_error, error_body
 from mmchat.server.images import RawImage, decode_image_url
@@ -200,46 +200,34 @@ async def chat_completions(req: S.ChatCompletionRequest, request: Request) -> Re
         }
         return _event(body)
 
-    async def events() -> AsyncIterator[bytes]:
-        # Events for items that are already there go out together: one write, not one each.
-        item = first
-        batch = [chunk({"role": "assistant", "content": ""}, None)]
-        try:
-            while not is_end(item):
-                if isinstance(item, BaseException):
-                    err = as_api_error(item)
-                    batch.append(_event(error_body(path, err.status, err.message, err.code)))
-                    break
-                if isinstance(item, Token) and item.text:
-                    batch.append(chunk({"content": item.text}, None))
-                elif isinstance(item, Done):
-                    batch.append(chunk({}, _finish_reason(item.done_reason)))
-                    if include_usage:
-                        batch.append(
-                            _event(
-                                {
-                                    "id": ident,
-                                    "object": "chat.completion.chunk",
-                                    "created": created,
-                                    "model": req.model,
-                                    "system_fingerprint": fingerprint,
-                                    "choices": [],
-                                    "usage": usage(item),
-                                }
-                            )
-                        )
-                    batch.append(b"data: [DONE]\n\n")
-                if batch and not gen.ready():
-                    yield b"".join(batch)
-                    batch = []
-                item = await gen.next()
-            if batch:
-                yield b"".join(batch)
-        finally:
-            gen.cancel_unless_finished()
+    def encode(item: Any) -> list[bytes]:
+        if isinstance(item, BaseException):
+            err = as_api_error(item)
+            return [_event(error_body(path, err.status, err.message, err.code))]
+        if isinstance(item, Token) and item.text:
+            return [chunk({"content": item.text}, None)]
+        if not isinstance(item, Done):
+            return []
+        out = [chunk({}, _finish_reason(item.done_reason))]
+        if include_usage:
+            out.append(
+                _event(
+                    {
+                        "id": ident,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": req.model,
+                        "system_fingerprint": fingerprint,
+                        "choices": [],
+                        "usage": usage(item),
+                    }
+                )
+            )
+        out.append(b"data: [DONE]\n\n")
+        return out
 
     return StreamingResponse(
-        events(),
+        stream_batched(gen, first, encode, [chunk({"role": "assistant", "content": ""}, None)]),
         media_type=SSE,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
