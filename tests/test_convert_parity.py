@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from support.models import LlamaText, converted, fixture_dir
 
+from mmchat.vision.synthetic import rel_l2
+
 FIXTURES = ["llava15_hf", "bakllava_hf", "llava15_orig", "bakllava_orig"]
 
 
@@ -38,10 +40,6 @@ def goldens(fixture: str) -> tuple[dict[str, Any], Any]:
     d = fixture_dir(fixture)
     meta = json.loads((d / "goldens.json").read_text(encoding="utf-8"))
     return meta, np.load(d / "goldens.npz")
-
-
-def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def text_cases(fixture: str) -> list[tuple[str, list[int], np.ndarray]]:

@@ -23,6 +23,7 @@ from mmchat.vision.anyres import (
     plan,
     select_best_resolution,
 )
+from mmchat.vision.synthetic import rel_l2
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CHECKPOINTS = ("llava16_hf", "llava16_orig")
@@ -62,11 +63,6 @@ CASES = [(c, it["name"]) for c in CHECKPOINTS for it in items(c)]
 
 def item(ckpt: str, name: str) -> dict[str, Any]:
     return next(it for it in items(ckpt) if it["name"] == name)
-
-
-def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a64 - b64) / np.linalg.norm(b64))
 
 
 @pytest.mark.parametrize(("ckpt", "name"), CASES)

@@ -30,6 +30,7 @@ from mmchat.runtime import (
     load_model,
 )
 from mmchat.runtime.template import ImageSlot
+from mmchat.vision.synthetic import rel_l2
 
 FIXTURES = Path(__file__).parent / "fixtures"
 IMAGES = FIXTURES / "images"
@@ -45,10 +46,6 @@ def goldens(fixture: str) -> tuple[Any, dict[str, Any]]:
     arrays = np.load(FIXTURES / fixture / "goldens.npz")
     meta = json.loads((FIXTURES / fixture / "goldens.json").read_text())
     return arrays, meta
-
-
-def rel_l2(ours: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 def parity_options(**kw: Any) -> LoadOptions:
