@@ -3,7 +3,6 @@ llama.cpp needs is there, the mmproj loads in llama.cpp's own mtmd, the output i
 
 from __future__ import annotations
 
-import ctypes
 import json
 import re
 from pathlib import Path
@@ -15,7 +14,13 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 from gguf.quants import dequantize
 from mmchat.converters.checkpoint import open_checkpoint
-from support.models import CLIP_TOWER, LlamaText, converted, fixture_dir, write_safetensors
+from support.models import (
+    CLIP_TOWER,
+    converted,
+    fixture_dir,
+    mtmd_encode,
+    write_safetensors,
+)
 
 HF = ["llava15_hf", "bakllava_hf"]
 SAFE = [*HF, "llava15_orig"]  # the fixtures that need no torch
@@ -184,67 +189,14 @@ def test_text_metadata_and_chat_templates() -> None:
     assert text.startswith("A chat between a curious human and an artificial intelligence")
 
 
-def _mtmd_image_tokens(model: Path, mmproj: Path, w: int, h: int) -> tuple[int, np.ndarray]:
-    from llama_cpp import mtmd_cpp as M
-
-    with LlamaText(model) as llm:
-        p = M.mtmd_context_params_default()
-        p.use_gpu = False
-        p.n_threads = 2
-        p.warmup = False
-        p.print_timings = False
-        ctx = M.mtmd_init_from_file(str(mmproj).encode(), llm.model, p)
-        assert ctx, "mtmd_init_from_file failed"
-        try:
-            assert M.mtmd_support_vision(ctx)
-            pixels = (np.arange(w * h * 3) % 251).astype(np.uint8)
-            bmp = M.mtmd_bitmap_init(w, h, (ctypes.c_uint8 * pixels.size).from_buffer(pixels))
-            chunks = M.mtmd_input_chunks_init()
-            prompt = b"USER: " + M.mtmd_default_marker() + b"\nWhat is this? ASSISTANT:"
-            txt = M.mtmd_input_text()
-            txt.text, txt.text_len, txt.add_special, txt.parse_special = (
-                prompt,
-                len(prompt),
-                True,
-                True,
-            )
-            try:
-                rc = M.mtmd_tokenize(
-                    ctx, chunks, ctypes.byref(txt), (M.mtmd_bitmap_p_ctypes * 1)(bmp), 1
-                )
-                assert rc == 0
-                images = [
-                    M.mtmd_input_chunks_get(chunks, i)
-                    for i in range(M.mtmd_input_chunks_size(chunks))
-                    if M.mtmd_input_chunk_get_type(M.mtmd_input_chunks_get(chunks, i)) == 1
-                ]
-                assert len(images) == 1
-                n = int(M.mtmd_input_chunk_get_n_tokens(images[0]))
-                assert M.mtmd_encode_chunk(ctx, images[0]) == 0
-                emb = np.ctypeslib.as_array(
-                    M.mtmd_get_output_embd(ctx), shape=(n * llm_n_embd(llm),)
-                ).copy()
-            finally:
-                M.mtmd_input_chunks_free(chunks)
-                M.mtmd_bitmap_free(bmp)
-        finally:
-            M.mtmd_free(ctx)
-    return n, emb
-
-
-def llm_n_embd(llm: LlamaText) -> int:
-    import llama_cpp as L
-
-    return int(L.llama_model_n_embd(llm.model))
-
-
 @pytest.mark.parametrize("fixture", SAFE)
 @pytest.mark.parametrize("vquant", ["f32", "f16", "q8_0"])
 def test_mmproj_loads_in_llama_cpp_mtmd(fixture: str, vquant: str) -> None:
     model, mmproj = converted(fixture, "f32", vquant)
     f = fields(mmproj)
     expected = (f["clip.vision.image_size"] // f["clip.vision.patch_size"]) ** 2
-    n, emb = _mtmd_image_tokens(model, mmproj, 40, 30)
+    n, emb, n_chunks = mtmd_encode(model, mmproj, 40, 30)
+    assert n_chunks == 1
     assert n == expected
     assert np.isfinite(emb).all() and np.abs(emb).max() > 0
 

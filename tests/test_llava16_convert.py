@@ -3,7 +3,6 @@ mmproj keys and tensors, loading in llama.cpp's mtmd, and bad pinpoints / newlin
 
 from __future__ import annotations
 
-import ctypes
 import json
 import shutil
 from pathlib import Path
@@ -22,7 +21,13 @@ from mmchat.converters.families.llava_next import (
     LlavaNextMistral,
     parse_pinpoints,
 )
-from support.models import CLIP_TOWER, LlamaText, converted, fixture_dir, write_safetensors
+from support.models import (
+    CLIP_TOWER,
+    converted,
+    fixture_dir,
+    mtmd_encode,
+    write_safetensors,
+)
 
 from mmchat.errors import UserError
 
@@ -160,53 +165,6 @@ def test_mmproj_tensors(fixture: str, vquant: str) -> None:
         assert np.array_equal(pos, want.astype(np.float16).astype(np.float32))
 
 
-def _mtmd_encode(model: Path, mmproj: Path, w: int, h: int) -> tuple[int, np.ndarray]:
-    from llama_cpp import mtmd_cpp as M
-
-    with LlamaText(model) as llm:
-        import llama_cpp as L
-
-        n_embd = int(L.llama_model_n_embd(llm.model))
-        p = M.mtmd_context_params_default()
-        p.use_gpu, p.n_threads, p.warmup, p.print_timings = False, 2, False, False
-        ctx = M.mtmd_init_from_file(str(mmproj).encode(), llm.model, p)
-        assert ctx, "mtmd_init_from_file failed"
-        try:
-            assert M.mtmd_support_vision(ctx)
-            pixels = (np.arange(w * h * 3) % 251).astype(np.uint8)
-            bmp = M.mtmd_bitmap_init(w, h, (ctypes.c_uint8 * pixels.size).from_buffer(pixels))
-            chunks = M.mtmd_input_chunks_init()
-            prompt = b"USER: " + M.mtmd_default_marker() + b"\nWhat is this? ASSISTANT:"
-            txt = M.mtmd_input_text()
-            txt.text, txt.text_len, txt.add_special, txt.parse_special = (
-                prompt,
-                len(prompt),
-                True,
-                True,
-            )
-            try:
-                rc = M.mtmd_tokenize(
-                    ctx, chunks, ctypes.byref(txt), (M.mtmd_bitmap_p_ctypes * 1)(bmp), 1
-                )
-                assert rc == 0
-                total, embs = 0, []
-                for i in range(M.mtmd_input_chunks_size(chunks)):
-                    chunk = M.mtmd_input_chunks_get(chunks, i)
-                    if M.mtmd_input_chunk_get_type(chunk) != 1:  # image
-                        continue
-                    n = int(M.mtmd_input_chunk_get_n_tokens(chunk))
-                    assert M.mtmd_encode_chunk(ctx, chunk) == 0
-                    out = M.mtmd_get_output_embd(ctx)
-                    embs.append(np.ctypeslib.as_array(out, shape=(n * n_embd,)).copy())
-                    total += n
-            finally:
-                M.mtmd_input_chunks_free(chunks)
-                M.mtmd_bitmap_free(bmp)
-        finally:
-            M.mtmd_free(ctx)
-    return total, np.concatenate(embs)
-
-
 @pytest.mark.parametrize("vquant", ["f32", "f16", "q8_0"])
 @pytest.mark.parametrize("fixture", NEXT)
 def test_mmproj_loads_in_llama_cpp_mtmd(fixture: str, vquant: str) -> None:
@@ -214,7 +172,7 @@ def test_mmproj_loads_in_llama_cpp_mtmd(fixture: str, vquant: str) -> None:
     newline), so it sees more than one view's tokens for an image larger than a tile."""
     model, mmproj = converted(fixture, "f32", vquant)
     per_view = goldens_meta(fixture)["anyres"]["tokens_per_view"]
-    n, emb = _mtmd_encode(model, mmproj, 150, 70)
+    n, emb, _ = mtmd_encode(model, mmproj, 150, 70)
     assert n > per_view and n % per_view == 0
     assert np.isfinite(emb).all() and np.abs(emb).max() > 0
 

@@ -165,3 +165,55 @@ class LlamaText:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def mtmd_encode(model: Path, mmproj: Path, w: int, h: int) -> tuple[int, np.ndarray, int]:
+    """llama.cpp's own mtmd path on a synthetic w x h image in LLaVA's prompt format:
+    (image tokens, their embeddings concatenated, number of image chunks)."""
+    import ctypes
+
+    import numpy as np
+    from llama_cpp import mtmd_cpp as M
+
+    with LlamaText(model) as llm:
+        import llama_cpp as L
+
+        n_embd = int(L.llama_model_n_embd(llm.model))
+        p = M.mtmd_context_params_default()
+        p.use_gpu, p.n_threads, p.warmup, p.print_timings = False, 2, False, False
+        ctx = M.mtmd_init_from_file(str(mmproj).encode(), llm.model, p)
+        assert ctx, "mtmd_init_from_file failed"
+        try:
+            assert M.mtmd_support_vision(ctx)
+            pixels = bytearray((np.arange(w * h * 3) % 251).astype(np.uint8).tobytes())
+            bmp = M.mtmd_bitmap_init(w, h, (ctypes.c_uint8 * len(pixels)).from_buffer(pixels))
+            chunks = M.mtmd_input_chunks_init()
+            prompt = b"USER: " + M.mtmd_default_marker() + b"\nWhat is this? ASSISTANT:"
+            txt = M.mtmd_input_text()
+            txt.text, txt.text_len, txt.add_special, txt.parse_special = (
+                prompt,
+                len(prompt),
+                True,
+                True,
+            )
+            try:
+                rc = M.mtmd_tokenize(
+                    ctx, chunks, ctypes.byref(txt), (M.mtmd_bitmap_p_ctypes * 1)(bmp), 1
+                )
+                assert rc == 0
+                total, embs = 0, []
+                for i in range(M.mtmd_input_chunks_size(chunks)):
+                    chunk = M.mtmd_input_chunks_get(chunks, i)
+                    if M.mtmd_input_chunk_get_type(chunk) != 1:  # image
+                        continue
+                    n = int(M.mtmd_input_chunk_get_n_tokens(chunk))
+                    assert M.mtmd_encode_chunk(ctx, chunk) == 0
+                    out = M.mtmd_get_output_embd(ctx)
+                    embs.append(np.ctypeslib.as_array(out, shape=(n * n_embd,)).copy())
+                    total += n
+            finally:
+                M.mtmd_input_chunks_free(chunks)
+                M.mtmd_bitmap_free(bmp)
+        finally:
+            M.mtmd_free(ctx)
+    return total, np.concatenate(embs), len(embs)
