@@ -36,6 +36,8 @@ class Settings:
     """``MMCHAT_KEEP_ALIVE``: seconds a served model stays loaded when idle."""
     debug: bool
     """``MMCHAT_DEBUG``: show tracebacks for user errors."""
+    max_audio_bytes: int = 64 * 1024 * 1024
+    """``MMCHAT_MAX_AUDIO_BYTES``: the largest audio file accepted (default 64 MiB)."""
     cpu_extra_buffers: str = "auto"
     """``MMCHAT_CPU_EXTRA_BUFFERS``: ``auto`` (self-test), ``on`` or ``off`` — llama.cpp's
     extra CPU buffer types (AMX, repacked weights); see mmchat/native/cpu.py."""
@@ -115,5 +117,6 @@ def load_settings() -> Settings:
         max_image_pixels=_int("MMCHAT_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS),
         keep_alive_s=_float("MMCHAT_KEEP_ALIVE", DEFAULT_KEEP_ALIVE_S),
         debug=env.get("MMCHAT_DEBUG", "") not in ("", "0", "false", "no"),
+        max_audio_bytes=_int("MMCHAT_MAX_AUDIO_BYTES", 64 * 1024 * 1024),
         cpu_extra_buffers=_choice("MMCHAT_CPU_EXTRA_BUFFERS", ("auto", "on", "off"), "auto"),
     )

@@ -26,7 +26,8 @@ from mmchat.runtime.messages import Message
 from mmchat.runtime.options import LoadOptions, SamplingParams
 
 if TYPE_CHECKING:
-    from mmchat.runtime.model import ContextOverflowError, Evaluation, LoadedModel, load_model
+    from mmchat.runtime.loader import load_model
+    from mmchat.runtime.model import ContextOverflowError, Evaluation, LoadedModel
     from mmchat.runtime.session import ChatSession
 
 __all__ = [
@@ -50,7 +51,7 @@ _LAZY = {
     "ContextOverflowError": "mmchat.runtime.model",
     "Evaluation": "mmchat.runtime.model",
     "LoadedModel": "mmchat.runtime.model",
-    "load_model": "mmchat.runtime.model",
+    "load_model": "mmchat.runtime.loader",
 }
 
 

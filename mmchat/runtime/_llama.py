@@ -142,6 +142,12 @@ class TextModel:
         self.vocab: Any = C.llama_model_get_vocab(ptr)
         self.n_vocab = int(C.llama_vocab_n_tokens(self.vocab))
         self.n_embd = int(C.llama_model_n_embd(ptr))
+        self.n_embd_inp = int(C.llama_model_n_embd_inp(ptr))
+        """Width of input embedding rows (differs from ``n_embd`` for deepstack models)."""
+        rope = int(C.llama_model_rope_type(ptr))
+        mrope = rope in (C.LLAMA_ROPE_TYPE_MROPE, C.LLAMA_ROPE_TYPE_IMROPE)
+        self.n_pos_per_embd = 4 if mrope else 1
+        """Positions per embedding row: 4 for M-RoPE models (Qwen2-VL …), else 1."""
         self.n_ctx_train = int(C.llama_model_n_ctx_train(ptr))
         self.bos = int(C.llama_vocab_bos(self.vocab))
         self.eos = int(C.llama_vocab_eos(self.vocab))
@@ -240,15 +246,20 @@ class TextModel:
 
 
 class _Batch:
-    """A ``llama_batch`` over numpy arrays that this object keeps alive."""
+    """A ``llama_batch`` over numpy arrays that this object keeps alive.
+
+    ``pos``: the first position (consecutive positions follow), or the positions themselves:
+    one per token, or for embeddings ``n * n_pos_per_embd`` section-major (M-RoPE).
+    """
 
     def __init__(
         self,
-        start_pos: int,
+        pos: int | np.ndarray,
         *,
         tokens: np.ndarray | None = None,
         embd: np.ndarray | None = None,
         logits_last: bool = False,
+        seq_id: int = 0,
     ) -> None:
         if (tokens is None) == (embd is None):
             raise ValueError("a batch holds either tokens or embeddings")
@@ -262,10 +273,15 @@ class _Batch:
             n = int(self.embd.shape[0])
             self.tokens = None
         self.n = n
-        self.pos = np.arange(start_pos, start_pos + n, dtype=np.int32)
+        if isinstance(pos, np.ndarray):
+            self.pos = np.ascontiguousarray(pos, dtype=np.int32).reshape(-1)
+            if self.pos.shape[0] < n or self.pos.shape[0] % max(n, 1):
+                raise ValueError(f"{self.pos.shape[0]} positions for {n} batch entries")
+        else:
+            self.pos = np.arange(pos, pos + n, dtype=np.int32)
         self.n_seq_id = np.ones(n, dtype=np.int32)
-        self.seq_zero = np.zeros(1, dtype=np.int32)
-        self.seq_ptrs = np.full(n, self.seq_zero.ctypes.data, dtype=np.uintp)
+        self.seq_ids = np.full(1, seq_id, dtype=np.int32)
+        self.seq_ptrs = np.full(n, self.seq_ids.ctypes.data, dtype=np.uintp)
         self.logits = np.zeros(n, dtype=np.int8)
         if logits_last and n:
             self.logits[-1] = 1
@@ -285,7 +301,8 @@ class _Batch:
 
 
 class Context:
-    """A ``llama_context`` with one sequence (id 0)."""
+    """A ``llama_context`` (libllama): the ``mmchat.runtime.backend.TextBackend`` of GGUF
+    text models. ``n_seq_max`` sequences share its ``n_ctx`` cells."""
 
     def __init__(
         self,
@@ -296,13 +313,15 @@ class Context:
         n_threads: int | None,
         flash_attn: bool | None,
         kv_cache_type: str,
+        n_seq_max: int = 1,
     ) -> None:
         self.model = model
         params = C.llama_context_default_params()
         params.n_ctx = int(n_ctx)
         params.n_batch = int(n_batch)
         params.n_ubatch = int(n_batch)
-        params.n_seq_max = 1
+        params.n_seq_max = int(n_seq_max)
+        params.kv_unified = n_seq_max > 1
         # llama.cpp's own default is a fixed 4 threads: on a 2-CPU machine that
         # oversubscribes the cores and a reply takes 20x longer. Use what we may run on.
         threads = int(n_threads or usable_cpus())
@@ -343,18 +362,23 @@ class Context:
             self.ptr = None
             self.mem = None
 
+    @property
+    def n_pos_per_embd(self) -> int:
+        return self.model.n_pos_per_embd
+
     # -- memory (KV cache) --
 
-    def pos_max(self) -> int:
-        """Largest position held for sequence 0, -1 when empty."""
-        return int(C.llama_memory_seq_pos_max(self.mem, 0))
+    def pos_max(self, seq_id: int = 0) -> int:
+        """Largest position held for the sequence, -1 when empty."""
+        return int(C.llama_memory_seq_pos_max(self.mem, seq_id))
 
-    def truncate(self, n_keep: int) -> bool:
-        """Drop every position >= n_keep. False when the memory cannot do a partial removal."""
-        if n_keep <= 0:
+    def truncate(self, n_keep: int, seq_id: int = 0) -> bool:
+        """Drop every position >= n_keep of the sequence. False when the memory cannot do a
+        partial removal."""
+        if n_keep <= 0 and int(C.llama_n_seq_max(self.ptr)) == 1:
             C.llama_memory_clear(self.mem, True)
             return True
-        return bool(C.llama_memory_seq_rm(self.mem, 0, n_keep, -1))
+        return bool(C.llama_memory_seq_rm(self.mem, seq_id, max(n_keep, 0), -1))
 
     def clear(self) -> None:
         C.llama_memory_clear(self.mem, True)
@@ -371,28 +395,44 @@ class Context:
             why = recent_errors()
             raise DecodeError(rc, f"llama_decode failed ({rc})" + (f": {why}" if why else ""))
 
-    def decode_tokens(self, tokens: np.ndarray, start_pos: int, *, logits_last: bool) -> None:
-        self._decode(_Batch(start_pos, tokens=tokens, logits_last=logits_last))
+    def decode_tokens(
+        self, tokens: np.ndarray, pos: int | np.ndarray, *, logits_last: bool, seq_id: int = 0
+    ) -> None:
+        self._decode(_Batch(pos, tokens=tokens, logits_last=logits_last, seq_id=seq_id))
 
-    def decode_one(self, token: int, pos: int) -> None:
+    def decode_one(self, token: int, pos: int, seq_id: int = 0) -> None:
         """Decode one token at ``pos`` with logits (the generation step)."""
         one = self._one
         assert one.tokens is not None
         one.tokens[0] = token
         one.pos[0] = pos
+        one.seq_ids[0] = seq_id
         self._decode(one)
 
     def decode_embeddings(
-        self, embd: np.ndarray, start_pos: int, *, logits_last: bool, non_causal: bool = False
+        self,
+        embd: np.ndarray,
+        pos: int | np.ndarray,
+        *,
+        logits_last: bool,
+        non_causal: bool = False,
+        seq_id: int = 0,
     ) -> None:
-        if embd.ndim != 2 or embd.shape[1] != self.model.n_embd:
+        if embd.ndim != 2 or embd.shape[1] != self.model.n_embd_inp:
             raise ValueError(
-                f"embeddings of shape {embd.shape} do not fit n_embd={self.model.n_embd}"
+                f"embeddings of shape {embd.shape} do not fit n_embd={self.model.n_embd_inp}"
             )
+        n = int(embd.shape[0])
+        nppe = self.model.n_pos_per_embd
+        if isinstance(pos, np.ndarray):
+            if pos.size != n * nppe:
+                raise ValueError(f"{pos.size} positions for {n} rows x {nppe} sections")
+        elif nppe > 1:  # consecutive positions in every M-RoPE section
+            pos = np.tile(np.arange(pos, pos + n, dtype=np.int32), nppe)
         if non_causal:
             C.llama_set_causal_attn(self.ptr, False)
         try:
-            self._decode(_Batch(start_pos, embd=embd, logits_last=logits_last))
+            self._decode(_Batch(pos, embd=embd, logits_last=logits_last, seq_id=seq_id))
         finally:
             if non_causal:
                 C.llama_set_causal_attn(self.ptr, True)

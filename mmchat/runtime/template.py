@@ -11,11 +11,20 @@ Which template is used, first match wins:
    to support a family);
 4. LLaVA 1.5's (Vicuna v1) format.
 
-Images are placed where the model expects them. Templates that take ``content`` as a string
-get a unique marker per image (at the start of the message, followed by a newline, as LLaVA
-was trained); templates that iterate over typed content parts (``{"type": "image"}``,
-transformers-style) write their own image token (``<image>``), which is then located. Either
-way ``render`` returns the prompt split into ``str`` pieces and ``ImageSlot`` entries.
+Images are placed where the model expects them, in one of two styles:
+
+- ``marker_style = "llava"`` (the LLaVA engine): templates that take ``content`` as a string
+  get a unique marker per image (at the start of the message, followed by a newline, as
+  LLaVA was trained); templates that iterate over typed content parts (``{"type":
+  "image"}``, transformers-style) write their own image token (``<image>``), which is then
+  located.
+- ``marker_style = "mtmd"`` (every family on llama.cpp's mtmd): as llama-server and Ollama
+  do it, each image or audio clip becomes a media marker at the start of its message's text
+  (markers then text, nothing between), the content is passed as a string (or, for
+  templates that only take typed parts, as one text part), and the engine adds the family's
+  own wrapper tokens around each image (``<start_of_image>``, ``<|vision_start|>`` …).
+
+Either way ``render`` returns the prompt split into ``str`` pieces and ``ImageSlot`` entries.
 """
 
 from __future__ import annotations
@@ -183,6 +192,8 @@ class ChatTemplate:
     eos_token: str = ""
     origin: str = "explicit"
     """Where it came from: "explicit", "gguf" or "builtin"."""
+    marker_style: str = "llava"
+    """How images are placed: "llava" or "mtmd" (see the module docstring)."""
     parts_style: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -225,6 +236,8 @@ class ChatTemplate:
         rendering that keeps every message's text and every image wins.
         """
         n_images = sum(m.n_images for m in messages)
+        if self.marker_style == "mtmd":
+            return self._render_mtmd(messages, n_images, add_generation_prompt)
         if not self.parts_style:
             return self._render_checked(self._marker_payload(messages), messages, n_images)
         first_error: TemplateError | None = None
@@ -241,6 +254,36 @@ class ChatTemplate:
                 return self._render_checked(payload, messages, n_images, add_generation_prompt)
             except TemplateError as exc:
                 first_error = first_error or exc
+        assert first_error is not None
+        raise first_error
+
+    def _render_mtmd(
+        self, messages: Sequence[TemplateMessage], n_images: int, add_generation_prompt: bool
+    ) -> list[Piece]:
+        contents: list[str] = []
+        k = 0
+        for m in messages:
+            contents.append("".join(_MARKER.format(k + i) for i in range(m.n_images)) + m.content)
+            k += m.n_images
+        as_text = [{"role": m.role, "content": c} for m, c in zip(messages, contents, strict=True)]
+        as_parts = [
+            {"role": m.role, "content": [{"type": "text", "text": c}]}
+            for m, c in zip(messages, contents, strict=True)
+        ]
+        first_error: TemplateError | None = None
+        for payload in (as_text, as_parts):
+            try:
+                pieces = self._render_checked(payload, messages, n_images, add_generation_prompt)
+            except TemplateError as exc:
+                first_error = first_error or exc
+                continue
+            joined = "".join(p for p in pieces if isinstance(p, str))
+            lost = any(m.content.strip() and m.content.strip() not in joined for m in messages)
+            if not lost:
+                return pieces
+            first_error = first_error or TemplateError(
+                f"chat template {self.name!r} left out the text of a message"
+            )
         assert first_error is not None
         raise first_error
 
@@ -280,7 +323,7 @@ class ChatTemplate:
             raise TemplateError(
                 f"chat template {self.name!r} placed {found} image(s) for {n_images} attached"
             )
-        if self.parts_style:
+        if self.parts_style and self.marker_style != "mtmd":
             joined = "".join(p for p in pieces if isinstance(p, str))
             for m in messages:
                 if m.content.strip() and m.content.strip() not in joined:
@@ -298,7 +341,7 @@ class ChatTemplate:
 
     def _split(self, text: str) -> list[Piece]:
         out: list[Piece] = []
-        if self.parts_style:
+        if self.parts_style and self.marker_style != "mtmd":
             chunks = text.split(self.image_token) if self.image_token else [text]
             for i, chunk in enumerate(chunks):
                 if i:

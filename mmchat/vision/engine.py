@@ -27,32 +27,46 @@ from mmchat.vision.cache import (
     shared_cache,
 )
 from mmchat.vision.image import PreparedImage, llava_pixels
+from mmchat.vision.layout import (
+    EmbedSpan,
+    Layout,
+    TextSpan,
+    layout_from_array,
+    layout_to_array,
+    single_block,
+)
 
 LLAVA_PROJECTORS = ("mlp", "mlp_norm")
 
 
 @dataclass
 class ImageEmbedding:
-    """What the runtime injects for one image (``llama_batch.embd``)."""
+    """What the runtime injects for one image or audio clip (``llama_batch.embd``).
+
+    ``embeddings`` holds the rows of every block in order; ``layout`` says how they are laid
+    out in the prompt (text spans such as ``<start_of_image>`` or tile separators, and
+    embedding blocks), as mtmd returns them. A LLaVA image is one block.
+    """
 
     digest: str
     embeddings: np.ndarray
-    """float32, C-contiguous, [n_tokens, n_embd]; read-only when it came from a cache."""
-    non_causal: bool = False
-    """Decode these tokens with causal attention off (e.g. Gemma 3)."""
+    """float32, C-contiguous, [n_rows, n_embd]; read-only when it came from a cache."""
+    layout: Layout = ()
+    """Empty: one block of all rows (causal, consecutive positions)."""
     encode_ms: float = 0.0
     cached: bool = False
-    prefix_tokens: tuple[int, ...] = ()
-    """Text tokens the engine puts right before the embeddings (mtmd, e.g. <start_of_image>)."""
-    suffix_tokens: tuple[int, ...] = ()
-    """Text tokens right after the embeddings."""
-    n_pos: int = 0
-    """Positions the embeddings advance (0 = n_tokens; differs for M-RoPE models)."""
-    decoder_pos: np.ndarray | None = field(default=None, repr=False)
-    """M-RoPE only: [n_tokens, 4] (t, x, y, z) positions for pos_0 = 0; add pos_0 to t, x, y."""
+    rel_pos: np.ndarray | None = field(default=None, repr=False)
+    """M-RoPE only: [n_rows, 4] (t, y, x, z) positions of each row for a block starting at
+    position 0; ``pos_shift`` says which sections move with the block's start."""
+    pos_shift: tuple[int, int, int, int] = (1, 1, 1, 1)
+
+    def __post_init__(self) -> None:
+        if not self.layout:
+            self.layout = single_block(int(self.embeddings.shape[0]))
 
     @property
     def n_tokens(self) -> int:
+        """Embedding rows."""
         return int(self.embeddings.shape[0])
 
     @property
@@ -60,8 +74,28 @@ class ImageEmbedding:
         return int(self.embeddings.shape[1])
 
     @property
-    def positions(self) -> int:
-        return self.n_pos or self.n_tokens
+    def non_causal(self) -> bool:
+        return any(isinstance(s, EmbedSpan) and s.non_causal for s in self.layout)
+
+    @property
+    def prefix_tokens(self) -> tuple[int, ...]:
+        """Text tokens before the first block (e.g. <start_of_image>)."""
+        out: list[int] = []
+        for s in self.layout:
+            if not isinstance(s, TextSpan):
+                break
+            out.extend(s.tokens)
+        return tuple(out)
+
+    @property
+    def suffix_tokens(self) -> tuple[int, ...]:
+        """Text tokens after the last block."""
+        out: list[int] = []
+        for s in reversed(self.layout):
+            if not isinstance(s, TextSpan):
+                break
+            out[:0] = s.tokens
+        return tuple(out)
 
 
 class VisionEngine(ABC):
@@ -99,6 +133,10 @@ class VisionEngine(ABC):
     def tokens_for(self, image: PreparedImage) -> int:
         """How many embedding rows ``encode(image)`` returns."""
 
+    def layout(self, image: PreparedImage) -> Layout:
+        """How ``encode(image)`` lays the image out in the prompt, without encoding it."""
+        return single_block(self.tokens_for(image))
+
     @abstractmethod
     def _encode_batch(self, images: Sequence[PreparedImage]) -> list[ImageEmbedding]:
         """Run the encoder on images not in any cache."""
@@ -113,7 +151,7 @@ class VisionEngine(ABC):
 
     def _disk_model_key(self) -> str:
         if self._disk_key is None:
-            self._disk_key = f"{self.kind}-{file_digest(self.mmproj)}"
+            self._disk_key = f"{self.kind}-v2-{file_digest(self.mmproj)}"
         return self._disk_key
 
     def encode(self, image: PreparedImage) -> ImageEmbedding:
@@ -168,28 +206,27 @@ class VisionEngine(ABC):
     @staticmethod
     def _to_entry(emb: ImageEmbedding) -> CachedEntry:
         meta: dict[str, Any] = {
-            "non_causal": bool(emb.non_causal),
-            "prefix_tokens": np.asarray(emb.prefix_tokens, dtype=np.int32),
-            "suffix_tokens": np.asarray(emb.suffix_tokens, dtype=np.int32),
-            "n_pos": int(emb.n_pos),
+            "layout": layout_to_array(emb.layout),
+            "pos_shift": np.asarray(emb.pos_shift, dtype=np.int32),
         }
-        if emb.decoder_pos is not None:
-            meta["decoder_pos"] = emb.decoder_pos
+        if emb.rel_pos is not None:
+            meta["rel_pos"] = emb.rel_pos
         return CachedEntry(emb.embeddings, meta)
 
     @staticmethod
     def _from_cache(digest: str, entry: CachedEntry, seconds: float) -> ImageEmbedding:
         m = entry.meta
+        layout = layout_from_array(m["layout"]) if "layout" in m else ()
+        shift = tuple(int(x) for x in np.atleast_1d(m.get("pos_shift", (1, 1, 1, 1))))
+        rel = m.get("rel_pos")
         return ImageEmbedding(
             digest=digest,
             embeddings=entry.embeddings,
-            non_causal=bool(m.get("non_causal", False)),
+            layout=layout,
             encode_ms=seconds * 1000.0,
             cached=True,
-            prefix_tokens=tuple(int(x) for x in np.atleast_1d(m.get("prefix_tokens", []))),
-            suffix_tokens=tuple(int(x) for x in np.atleast_1d(m.get("suffix_tokens", []))),
-            n_pos=int(m.get("n_pos", 0)),
-            decoder_pos=m.get("decoder_pos"),
+            rel_pos=None if rel is None else np.asarray(rel, dtype=np.int32),
+            pos_shift=(*shift, 1, 1, 1, 1)[:4],  # type: ignore[arg-type]
         )
 
 

@@ -1,8 +1,11 @@
 """Non-LLaVA projectors on llama.cpp's mtmd (through llama-cpp-python's ``mtmd_cpp``).
 
-mtmd does its own preprocessing (from the RGB pixels of the ``PreparedImage``) and may wrap
-the image in text tokens (e.g. Gemma 3's ``<start_of_image>``); those come back as
-``prefix_tokens``/``suffix_tokens`` so the runtime can feed them around the embeddings.
+One image or audio clip goes through ``mtmd_tokenize`` alone (mtmd's media marker with one
+bitmap), and what comes back is kept as the media item's layout: text chunks (the family's
+wrappers, tile separators, row breaks) become ``TextSpan``s, image/audio chunks become
+``EmbedSpan``s with their ``n_pos`` and causal flag; M-RoPE models also get each row's
+(t, y, x, z) positions. mtmd does its own preprocessing (from the RGB pixels of the
+``PreparedImage``, or the bytes of a ``PreparedAudio``, which it decodes itself).
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ from typing import Any
 import numpy as np
 
 from mmchat.errors import CorruptFileError, UserError
+from mmchat.vision.audio import PreparedAudio
 from mmchat.vision.cache import EmbeddingCache
 from mmchat.vision.engine import ImageEmbedding, VisionEngine
 from mmchat.vision.image import PreparedImage
+from mmchat.vision.layout import EmbedSpan, Layout, Span, TextSpan, layout_rows
+
+Media = PreparedImage | PreparedAudio
 
 _GGML_LOG_LEVEL_WARN = 3
 _GGML_LOG_LEVEL_ERROR = 4
@@ -61,7 +68,8 @@ def _last_error() -> str:
 
 
 class MtmdEngine(VisionEngine):
-    """Any mmproj llama.cpp's mtmd supports; embeddings via ``mtmd_encode_chunk``."""
+    """Any mmproj llama.cpp's mtmd supports (vision and/or audio); embeddings via
+    ``mtmd_encode_chunk``, one call per image/audio chunk."""
 
     kind = "mtmd"
 
@@ -99,28 +107,48 @@ class MtmdEngine(VisionEngine):
                 f"llama.cpp (mtmd) cannot load projector {mmproj}"
                 + (f": {why}" if why else " (wrong projector for this model, or unsupported)")
             )
-        if not mtmd.mtmd_support_vision(self._ctx):
+        self.supports_vision = bool(mtmd.mtmd_support_vision(self._ctx))
+        self.supports_audio = bool(mtmd.mtmd_support_audio(self._ctx))
+        if not (self.supports_vision or self.supports_audio):
             self._close()
-            raise UserError(f"{mmproj} has no vision encoder (audio-only projector?)")
+            raise UserError(f"{mmproj} has neither a vision nor an audio encoder")
         self.projector_type = projector_type
         self.n_embd = int(text_n_embd)
         self.image_size = 0  # mtmd picks the size per image
         self.use_mrope = bool(mtmd.mtmd_decode_use_mrope(self._ctx))
-        self._n_tokens: dict[str, int] = {}
+        self._layouts: dict[str, Layout] = {}
 
-    # one image -> its input chunks ------------------------------------------------------
-    def _tokenize(self, image: PreparedImage) -> Any:
+    # one input -> its chunks -------------------------------------------------------------
+    def _bitmap(self, media: Media) -> Any:
+        mtmd = self._mtmd
+        if isinstance(media, PreparedAudio):
+            if not self.supports_audio:
+                raise UserError("this model cannot hear audio (its projector has no audio encoder)")
+            buf = (ctypes.c_uint8 * len(media.data)).from_buffer_copy(media.data)
+            bitmap = mtmd.mtmd_helper_bitmap_init_from_buf(self._ctx, buf, len(media.data))
+            if not bitmap:
+                raise UserError(f"mtmd cannot decode audio {media.source} ({media.format})")
+            if not mtmd.mtmd_bitmap_is_audio(bitmap):
+                mtmd.mtmd_bitmap_free(bitmap)
+                raise UserError(f"{media.source} is not an audio file")
+            return bitmap
+        if not self.supports_vision:
+            raise UserError("this model cannot see images (its projector is audio-only)")
+        rgb = media.image.tobytes()
+        buf = (ctypes.c_uint8 * len(rgb)).from_buffer_copy(rgb)
+        bitmap = mtmd.mtmd_bitmap_init(media.width, media.height, buf)
+        if not bitmap:
+            raise UserError(f"mtmd cannot take image {media.source}")
+        return bitmap
+
+    def _tokenize(self, media: Media) -> Any:
         mtmd = self._mtmd
         if not self._ctx:
             raise UserError("the vision engine was closed")
-        rgb = image.image.tobytes()
-        buf = (ctypes.c_uint8 * len(rgb)).from_buffer_copy(rgb)
-        bitmap = mtmd.mtmd_bitmap_init(image.width, image.height, buf)
-        if not bitmap:
-            raise UserError(f"mtmd cannot take image {image.source}")
+        bitmap = self._bitmap(media)
         chunks = mtmd.mtmd_input_chunks_init()
         try:
-            mtmd.mtmd_bitmap_set_id(bitmap, image.digest.encode())
+            mtmd.mtmd_bitmap_set_id(bitmap, media.digest.encode())
             marker = mtmd.mtmd_default_marker()
             text = mtmd.mtmd_input_text()
             text.text = marker
@@ -130,7 +158,11 @@ class MtmdEngine(VisionEngine):
             bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
             rc = mtmd.mtmd_tokenize(self._ctx, chunks, ctypes.byref(text), bitmaps, 1)
             if rc != 0:
-                raise UserError(f"mtmd could not preprocess image {image.source} (code {rc})")
+                why = _last_error()
+                raise UserError(
+                    f"mtmd could not preprocess {media.source} (code {rc})"
+                    + (f": {why}" if why else "")
+                )
         except BaseException:
             mtmd.mtmd_input_chunks_free(chunks)
             raise
@@ -138,84 +170,106 @@ class MtmdEngine(VisionEngine):
             mtmd.mtmd_bitmap_free(bitmap)
         return chunks
 
-    def tokens_for(self, image: PreparedImage) -> int:
-        n = self._n_tokens.get(image.digest)
-        if n is None:
-            mtmd = self._mtmd
+    def _spans(self, chunks: Any) -> list[tuple[Span, Any]]:
+        """The chunks as spans, each with its chunk (for encoding)."""
+        mtmd = self._mtmd
+        out: list[tuple[Span, Any]] = []
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            ctype = mtmd.mtmd_input_chunk_get_type(chunk)
+            if ctype == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n_text = ctypes.c_size_t(0)
+                ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n_text))
+                toks = tuple(int(ptr[j]) for j in range(n_text.value)) if ptr else ()
+                if toks:
+                    out.append((TextSpan(toks), chunk))
+                continue
+            n_tok = int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
+            n_pos = int(mtmd.mtmd_input_chunk_get_n_pos(chunk))
+            non_causal = bool(mtmd.mtmd_decode_use_non_causal(self._ctx, chunk))
+            span = EmbedSpan(n_tok, 0 if n_pos == n_tok else n_pos, non_causal)
+            out.append((span, chunk))
+        return out
+
+    def layout(self, image: Media) -> Layout:
+        known = self._layouts.get(image.digest)
+        if known is None:
             with self._lock:
                 chunks = self._tokenize(image)
                 try:
-                    n = 0
-                    for i in range(mtmd.mtmd_input_chunks_size(chunks)):
-                        chunk = mtmd.mtmd_input_chunks_get(chunks, i)
-                        if (
-                            mtmd.mtmd_input_chunk_get_type(chunk)
-                            == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE
-                        ):
-                            n += int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
+                    known = tuple(span for span, _ in self._spans(chunks))
                 finally:
-                    mtmd.mtmd_input_chunks_free(chunks)
-            self._n_tokens[image.digest] = n
-        return n
+                    self._mtmd.mtmd_input_chunks_free(chunks)
+            if not any(isinstance(s, EmbedSpan) for s in known):
+                raise UserError(f"mtmd produced no embeddings for {image.source}")
+            self._layouts[image.digest] = known
+        return known
 
-    def _encode_one(self, image: PreparedImage) -> ImageEmbedding:
+    def tokens_for(self, image: Media) -> int:
+        return layout_rows(self.layout(image))
+
+    def _rel_pos(self, chunk: Any, n_tok: int) -> np.ndarray:
+        """(t, y, x, z) of each row of an image chunk for a start at 0, and which sections
+        move with the start (probed at 0 and 1)."""
+        mtmd = self._mtmd
+        out = np.empty((n_tok, 4), dtype=np.int32)
+        if mtmd.mtmd_input_chunk_get_type(chunk) != mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+            line = np.arange(n_tok, dtype=np.int32)  # audio: 1-D positions in every section
+            return np.stack([line] * 4, axis=1)
+        tokens = mtmd.mtmd_input_chunk_get_tokens_image(chunk)
+        for j in range(n_tok):
+            p = mtmd.mtmd_image_tokens_get_decoder_pos(tokens, 0, j)
+            out[j] = (p.t, p.y, p.x, p.z)
+        return out
+
+    def _pos_shift(self, chunk: Any) -> tuple[int, int, int, int]:
+        mtmd = self._mtmd
+        if mtmd.mtmd_input_chunk_get_type(chunk) != mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+            return (1, 1, 1, 1)
+        tokens = mtmd.mtmd_input_chunk_get_tokens_image(chunk)
+        a = mtmd.mtmd_image_tokens_get_decoder_pos(tokens, 0, 0)
+        b = mtmd.mtmd_image_tokens_get_decoder_pos(tokens, 1, 0)
+        return (b.t - a.t, b.y - a.y, b.x - a.x, b.z - a.z)
+
+    def _encode_one(self, media: Media) -> ImageEmbedding:
         mtmd = self._mtmd
         t0 = time.perf_counter()
-        chunks = self._tokenize(image)
+        chunks = self._tokenize(media)
         try:
-            prefix: list[int] = []
-            suffix: list[int] = []
-            emb: np.ndarray | None = None
-            non_causal = False
-            n_pos = 0
-            decoder_pos = None
-            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
-                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
-                ctype = mtmd.mtmd_input_chunk_get_type(chunk)
-                if ctype == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                    n_text = ctypes.c_size_t(0)
-                    ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n_text))
-                    toks = [int(ptr[j]) for j in range(n_text.value)] if ptr else []
-                    (prefix if emb is None else suffix).extend(toks)
+            spans = self._spans(chunks)
+            blocks: list[np.ndarray] = []
+            rel: list[np.ndarray] = []
+            shift = (1, 1, 1, 1)
+            for span, chunk in spans:
+                if not isinstance(span, EmbedSpan):
                     continue
-                if ctype != mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                    continue
-                if emb is not None:
-                    raise UserError(
-                        f"mtmd split image {image.source} into several pieces; "
-                        "that layout is not supported yet"
-                    )
                 rc = mtmd.mtmd_encode_chunk(self._ctx, chunk)
                 if rc != 0:
-                    raise UserError(f"mtmd failed to encode image {image.source} (code {rc})")
-                n_tok = int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
+                    raise UserError(f"mtmd failed to encode {media.source} (code {rc})")
                 out = mtmd.mtmd_get_output_embd(self._ctx)
                 if not out:
-                    raise UserError(f"mtmd returned no embeddings for {image.source}")
+                    raise UserError(f"mtmd returned no embeddings for {media.source}")
+                n_tok = span.n_tokens
                 flat = np.ctypeslib.as_array(out, shape=(n_tok * self.n_embd,))
-                emb = np.array(flat, dtype=np.float32).reshape(n_tok, self.n_embd)
-                non_causal = bool(mtmd.mtmd_decode_use_non_causal(self._ctx, chunk))
-                n_pos = int(mtmd.mtmd_input_chunk_get_n_pos(chunk))
+                blocks.append(np.array(flat, dtype=np.float32).reshape(n_tok, self.n_embd))
                 if self.use_mrope:
-                    tokens = mtmd.mtmd_input_chunk_get_tokens_image(chunk)
-                    pos = np.empty((n_tok, 4), dtype=np.int32)
-                    for j in range(n_tok):
-                        p = mtmd.mtmd_image_tokens_get_decoder_pos(tokens, 0, j)
-                        pos[j] = (p.t, p.x, p.y, p.z)
-                    decoder_pos = pos
-            if emb is None:
-                raise UserError(f"mtmd produced no image tokens for {image.source}")
+                    rel.append(self._rel_pos(chunk, n_tok))
+                    s = self._pos_shift(chunk)
+                    if s != (1, 1, 1, 1):
+                        shift = s
+            if not blocks:
+                raise UserError(f"mtmd produced no embeddings for {media.source}")
+            layout = tuple(span for span, _ in spans)
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
+        self._layouts[media.digest] = layout
         return ImageEmbedding(
-            digest=image.digest,
-            embeddings=emb,
-            non_causal=non_causal,
+            digest=media.digest,
+            embeddings=np.ascontiguousarray(np.concatenate(blocks, axis=0)),
+            layout=layout,
             encode_ms=(time.perf_counter() - t0) * 1000.0,
-            prefix_tokens=tuple(prefix),
-            suffix_tokens=tuple(suffix),
-            n_pos=n_pos if n_pos != emb.shape[0] else 0,
-            decoder_pos=decoder_pos,
+            rel_pos=np.concatenate(rel, axis=0) if rel else None,
+            pos_shift=shift,
         )
 
     def _encode_batch(self, images: Sequence[PreparedImage]) -> list[ImageEmbedding]:

@@ -1,0 +1,181 @@
+"""``load_model``: open a text GGUF (and its projector) and build a ``LoadedModel``.
+
+Files are validated in Python first, so a corrupt or mismatched file is a one-line
+``UserError`` rather than a llama.cpp abort.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from mmchat.errors import UserError
+from mmchat.gguf_meta import GGUFInfo, read_gguf
+from mmchat.runtime import _llama
+from mmchat.runtime.model import LoadedModel
+from mmchat.runtime.options import DEFAULT_N_CTX, LoadOptions
+from mmchat.runtime.template import select_template
+
+
+def _projector_width(info: GGUFInfo) -> int | None:
+    """The output width of a LLaVA-style projector (``mm.2``), if the file has one."""
+    bias = info.tensor("mm.2.bias")
+    if bias is not None and bias.shape:
+        return int(bias.shape[0])
+    weight = info.tensor("mm.2.weight")
+    if weight is not None and len(weight.shape) >= 2:
+        return int(weight.shape[1])
+    return None
+
+
+META_LEGACY_SPACES = "mmchat.tokenizer.legacy_spaces"
+
+
+def _legacy_spaces(info: GGUFInfo, text: _llama.TextModel, image_token: str) -> bool:
+    """Whether text after a special token or an image gets SentencePiece's "▁" (see
+    ``LoadedModel.legacy_spaces``), when the caller does not say:
+
+    1. the GGUF key ``mmchat.tokenizer.legacy_spaces`` (bool), when a converter wrote it
+       (transformers' ``legacy`` flag of the checkpoint's tokenizer);
+    2. a vocabulary holding the image token (``<image>``) as one token was packaged for
+       transformers' processor, which tokenizes the whole prompt at once with ``<image>`` as
+       an added special token; the llava-hf tokenizers are ``legacy=False``: no "▁" → False;
+    3. otherwise (original LLaVA / BakLLaVA and the GGUFs published from them): LLaVA's
+       ``tokenizer_image_token`` tokenized each chunk around the image on its own, so the
+       text after the image starts with "▁" — what the model was trained with, and what
+       llama.cpp's mtmd does → True.
+    """
+    value = info.get(META_LEGACY_SPACES)
+    if isinstance(value, bool):
+        return value
+    if image_token:
+        ids = text.tokenize(image_token, add_special=False, parse_special=True)
+        if len(ids) == 1 and text.token_text(ids[0]) == image_token:
+            return False
+    return True
+
+
+def _free(text: _llama.TextModel, ctx: _llama.Context, vision: Any) -> None:
+    try:
+        if vision is not None:
+            vision.close()
+    finally:
+        ctx.close()
+        text.close()
+
+
+def load_model(
+    model: str | Path,
+    mmproj: str | Path | None = None,
+    options: LoadOptions | None = None,
+    *,
+    template: str | None = None,
+    legacy_spaces: bool | None = None,
+) -> LoadedModel:
+    """Load a text GGUF (and its projector: vision and/or audio) for chatting.
+
+    ``template``: Jinja source or a known format name overriding the GGUF's chat template
+    (a store manifest's ``template``). ``legacy_spaces``: see ``LoadedModel.legacy_spaces``;
+    None decides from the file.
+
+    Files are validated in Python first: a corrupt or truncated file, a projector given as
+    the model (or the reverse) and a projector whose output width differs from the text
+    model's embedding width are ``UserError``s with a one-line message.
+    """
+    opts = options or LoadOptions()
+    opts.validate()
+    t0 = time.perf_counter()
+    path = Path(model).expanduser()
+    info = read_gguf(path, role="model")
+    if info.is_mmproj:
+        raise UserError(f"{path} is a projector (mmproj) file, not a text model")
+    n_embd_meta = info.arch_key("embedding_length")
+    mm_path: Path | None = None
+    mm_info: GGUFInfo | None = None
+    if mmproj is not None:
+        mm_path = Path(mmproj).expanduser()
+        mm_info = read_gguf(mm_path, role="projector (mmproj)")
+        if not mm_info.is_mmproj:
+            raise UserError(
+                f"{mm_path} is not a projector (mmproj) file "
+                f"(its architecture is {mm_info.architecture or 'unknown'!r}, expected 'clip')"
+            )
+        width = _projector_width(mm_info)
+        if width is not None and isinstance(n_embd_meta, int) and width != n_embd_meta:
+            raise UserError(
+                f"the projector {mm_path.name} outputs {width}-wide embeddings but the text "
+                f"model {path.name} takes {n_embd_meta}: they do not belong together"
+            )
+
+    _llama.ensure_backend(opts.verbose)
+    n_gpu_layers = opts.n_gpu_layers
+    if n_gpu_layers is None:
+        n_gpu_layers = -1 if _llama.supports_gpu_offload() else 0
+    text = _llama.TextModel(str(path), n_gpu_layers=n_gpu_layers, verbose=opts.verbose)
+    ctx: _llama.Context | None = None
+    vision: Any = None
+    try:
+        n_ctx = opts.n_ctx or min(DEFAULT_N_CTX, text.n_ctx_train or DEFAULT_N_CTX)
+        ctx = _llama.Context(
+            text,
+            n_ctx=n_ctx,
+            n_batch=opts.n_batch,
+            n_threads=opts.n_threads,
+            flash_attn=opts.flash_attn,
+            kv_cache_type=opts.kv_cache_type,
+        )
+        if mm_path is not None:
+            from mmchat.vision import open_vision
+
+            vision = open_vision(
+                mm_path,
+                text_n_embd=text.n_embd_inp,
+                n_threads=opts.n_threads,
+                device=opts.vision_device,
+                llama_model=text.address,
+            )
+        names = [
+            info.get("general.name"),
+            info.get("general.basename"),
+            info.get("general.finetune"),
+            path.name,
+            path.parent.name,
+        ]
+        bos = text.token_text(text.bos) if text.bos >= 0 else ""
+        eos = text.token_text(text.eos) if text.eos >= 0 else ""
+        tmpl = select_template(
+            explicit=template,
+            gguf_template=text.chat_template(),
+            model_names=[n if isinstance(n, str) else None for n in names],
+            bos_token=bos,
+            eos_token=eos,
+        )
+        if vision is not None and getattr(vision, "kind", "") == "mtmd":
+            # images go where llama-server puts them: mtmd's marker in the message text,
+            # the family's wrapper tokens added by mtmd; text pieces tokenized as mtmd does
+            tmpl.marker_style = "mtmd"
+            if legacy_spaces is None and not isinstance(info.get(META_LEGACY_SPACES), bool):
+                legacy_spaces = True
+        if legacy_spaces is None:
+            legacy_spaces = _legacy_spaces(info, text, tmpl.image_token)
+    except BaseException:
+        if vision is not None:
+            vision.close()
+        if ctx is not None:
+            ctx.close()
+        text.close()
+        raise
+    load_ms = (time.perf_counter() - t0) * 1000
+    return LoadedModel(
+        path=path,
+        mmproj_path=mm_path,
+        options=opts,
+        info=info,
+        text=text,
+        ctx=ctx,
+        vision=vision,
+        template=tmpl,
+        legacy_spaces=bool(legacy_spaces),
+        load_ms=load_ms,
+    )
