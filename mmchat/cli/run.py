@@ -35,6 +35,12 @@ def run(
     image: list[str] | None = typer.Option(
         None, "--image", "-i", help="Attach an image (repeatable).", show_default=False
     ),
+    audio: list[str] | None = typer.Option(
+        None,
+        "--audio",
+        help="Attach an audio clip: .wav, .mp3 or .flac (repeatable).",
+        show_default=False,
+    ),
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
     ctx: int | None = typer.Option(
         None, "--ctx", min=16, help="Context size in tokens (default: min(4096, trained context))."
@@ -90,7 +96,7 @@ def run(
     piped: str | None = None
     if not sys.stdin.isatty():
         piped = sys.stdin.read()
-    interactive = text is None and not image and piped is None
+    interactive = text is None and not image and not audio and piped is None
     if format not in (None, "json"):
         raise UserError(f"unknown format {format!r} (only json is supported)")
     overrides: dict[str, Any] = {
@@ -155,7 +161,7 @@ def run(
         from mmchat.repl.oneshot import run_once
 
         chat.notices = err
-        code = run_once(chat, text, piped=piped, images=list(image or []))
+        code = run_once(chat, text, piped=piped, images=list(image or []), audio=list(audio or []))
         if code:
             raise typer.Exit(code)
     finally:

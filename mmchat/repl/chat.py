@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from mmchat.runtime.options import LoadOptions
     from mmchat.runtime.session import ChatSession
     from mmchat.vision import PreparedImage
+    from mmchat.vision.audio import PreparedAudio
 
 
 class Outcome(Enum):
@@ -49,9 +50,14 @@ class Display:
 
 @dataclass
 class Attached:
-    image: PreparedImage
+    image: PreparedImage | PreparedAudio
+    """An image or an audio clip."""
     display: str
     tokens: int
+
+    @property
+    def is_audio(self) -> bool:
+        return getattr(self.image, "kind", "") == "audio"
 
 
 ModelOpener = Callable[[str, "str | None"], "tuple[ModelSource, LoadedModel]"]
@@ -146,35 +152,66 @@ class Chat:
     def attach(
         self, mentions: tuple[ImageMention, ...] | list[ImageMention]
     ) -> list[Attached] | None:
-        """Load the images; print ``Added image ...`` for each, or errors and return None."""
+        """Load the images and audio clips; print ``Added image ...`` for each, or errors
+        and return None (nothing is sent)."""
         if not mentions:
             return []
-        if not self.model.has_vision:
+        if any(not m.is_audio for m in mentions) and not self.model.has_vision:
             self.error("this model cannot see images")
+            return None
+        if any(m.is_audio for m in mentions) and not self.model.has_audio:
+            self.error("this model cannot hear audio")
             return None
         out: list[Attached] = []
         failed = False
         seen: dict[str, Attached] = {}
         for m in mentions:
             try:
-                img = self.load_image(m.path, m.display)
+                media = (
+                    self.load_audio(m.path, m.display)
+                    if m.is_audio
+                    else self.load_image(m.path, m.display)
+                )
+                if media.digest in seen:
+                    continue
+                tokens = self._tokens(media)
             except UserError as exc:
                 self.error(str(exc))
                 failed = True
                 continue
-            if img.digest in seen:
-                continue
-            tokens = int(self.model.vision.tokens_for(img))
-            att = Attached(img, m.display, tokens)
-            seen[img.digest] = att
+            att = Attached(media, m.display, tokens)
+            seen[media.digest] = att
             out.append(att)
         if failed:
             self.note("Nothing was sent.")
             return None
         for att in out:
-            w, h = att.image.width, att.image.height
-            self.inform(f"Added image '{att.display}' ({w}×{h}, {att.tokens} tokens)")
+            if att.is_audio:
+                self.inform(f"Added audio '{att.display}' ({att.tokens} tokens)")
+            else:
+                w, h = att.image.width, att.image.height  # type: ignore[union-attr]
+                self.inform(f"Added image '{att.display}' ({w}×{h}, {att.tokens} tokens)")
         return out
+
+    def _tokens(self, media: Any) -> int:
+        """KV cells the media item takes (its rows and the engine's wrapper tokens)."""
+        from mmchat.vision.layout import layout_cells
+
+        vision = self.model.vision
+        if hasattr(vision, "layout"):
+            return layout_cells(tuple(vision.layout(media)))
+        return int(vision.tokens_for(media))
+
+    def load_audio(self, path: str, display: str) -> PreparedAudio:
+        """Read an audio file; errors name it as the user wrote it."""
+        from mmchat.vision.audio import load_audio
+
+        full = os.path.abspath(os.path.expanduser(path))
+        try:
+            clip = load_audio(full)
+        except UserError as exc:
+            raise type(exc)(str(exc).replace(full, display)) from None
+        return replace(clip, source=full)
 
     def load_image(self, path: str, display: str) -> PreparedImage:
         """Read an image; errors name it as the user wrote it, history keeps the full path."""

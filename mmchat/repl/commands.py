@@ -275,12 +275,22 @@ def _show(chat: Chat, arg: str) -> Outcome:
 
 @command("/image", "/image PATH", "attach an image to your next message")
 def _image(chat: Chat, arg: str) -> Outcome:
+    return _attach_command(chat, arg, audio=False)
+
+
+@command("/audio", "/audio PATH", "attach an audio clip (.wav, .mp3, .flac) to your next message")
+def _audio(chat: Chat, arg: str) -> Outcome:
+    return _attach_command(chat, arg, audio=True)
+
+
+def _attach_command(chat: Chat, arg: str, *, audio: bool) -> Outcome:
+    what = "audio" if audio else "image"
     if not arg:
         if chat.pending:
             names = ", ".join(f"'{a.display}'" for a in chat.pending)
             chat.say(f"Attached for the next message: {names}")
         else:
-            raise UserError("usage: /image PATH")
+            raise UserError(f"usage: /{what} PATH")
         return Outcome.OK
     parsed = find_images(arg, exists=chat.exists)
     mentions = list(parsed.images)
@@ -290,7 +300,7 @@ def _image(chat: Chat, arg: str) -> Outcome:
         path = os.path.expanduser(value)
         if not chat.exists(path):
             raise UserError(f"No such file: {value}")
-        mentions = [ImageMention(value, path, 0, len(arg))]
+        mentions = [ImageMention(value, path, 0, len(arg), audio)]
     elif not parsed.ok:
         raise UserError(f"No such file: {parsed.missing[0].display}")
     attached = chat.attach(mentions)

@@ -1,11 +1,12 @@
-"""Find image paths typed (or dragged) into a chat message.
+"""Find image (and audio) paths typed (or dragged) into a chat message.
 
 ``find_images("What's in this? ./smile.png")`` returns the message without the path and the
 images it names. Pure functions: the only I/O is the ``exists`` check, which callers (tests)
 can replace.
 
-What is recognised as an image path — a *word* whose value ends in an image extension
-(``IMAGE_EXTENSIONS``, any case):
+What is recognised as a media path — a *word* whose value ends in an image extension
+(``IMAGE_EXTENSIONS``) or an audio extension (``AUDIO_EXTENSIONS``: .wav, .mp3, .flac), any
+case; audio paths follow exactly the same rules (``ImageMention.is_audio``):
 
 - relative (``smile.png``, ``./a/b.png``, ``../x.jpg``), absolute and ``~/x.png`` words;
 - words in single or double quotes (``'my photo.png'``), which may contain spaces; a quote
@@ -41,6 +42,8 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".tif",
 )
 
+AUDIO_EXTENSIONS: tuple[str, ...] = (".wav", ".mp3", ".flac")
+
 _TRAILING_PUNCT = ".,;:!?)]}>"
 _QUOTES = "'\""
 _DRIVE = re.compile(r"[A-Za-z]:[\\/]")  # used with .match(text, pos): no "^"
@@ -49,17 +52,24 @@ _WEB = re.compile(r"^(https?|ftp)://", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class ImageMention:
-    """One image path found in a message.
+    """One image (or audio) path found in a message.
 
     ``display`` is the path as the user wrote it (quotes and escapes removed, ``~`` kept),
     for messages; ``path`` is what to open (``~`` expanded, URI decoded); ``start``/``end``
-    delimit the characters of the message that named it.
+    delimit the characters of the message that named it. ``audio``: attach it as audio
+    whatever its extension (``/audio``, ``--audio``).
     """
 
     display: str
     path: str
     start: int
     end: int
+    audio: bool = False
+
+    @property
+    def is_audio(self) -> bool:
+        """Attached as audio: asked for, or named with .wav, .mp3, .flac."""
+        return self.audio or has_audio_extension(self.path)
 
 
 @dataclass(frozen=True)
@@ -87,8 +97,16 @@ class _Word:
 
 
 def has_image_extension(value: str) -> bool:
+    """An image or audio extension (what makes a word a media path)."""
     low = value.lower()
-    return any(low.endswith(ext) and len(low) > len(ext) for ext in IMAGE_EXTENSIONS)
+    return any(
+        low.endswith(ext) and len(low) > len(ext) for ext in IMAGE_EXTENSIONS + AUDIO_EXTENSIONS
+    )
+
+
+def has_audio_extension(value: str) -> bool:
+    low = value.lower()
+    return any(low.endswith(ext) and len(low) > len(ext) for ext in AUDIO_EXTENSIONS)
 
 
 def _split_words(text: str, *, windows: bool) -> list[_Word]:

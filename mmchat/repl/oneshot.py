@@ -26,7 +26,14 @@ def compose(prompt: str | None, piped: str | None) -> tuple[str, str]:
     return piped, ""
 
 
-def run_once(chat: Chat, prompt: str | None, *, piped: str | None, images: list[str]) -> int:
+def run_once(
+    chat: Chat,
+    prompt: str | None,
+    *,
+    piped: str | None,
+    images: list[str],
+    audio: list[str] | None = None,
+) -> int:
     scan, prefix = compose(prompt, piped)
     parsed = find_images(scan, exists=chat.exists)
     if not parsed.ok:
@@ -36,12 +43,13 @@ def run_once(chat: Chat, prompt: str | None, *, piped: str | None, images: list[
             chat.error(f"mmchat does not download images: {m.display}")
         return EXIT_ERROR
     mentions = list(parsed.images)
-    for value in images:
+    given = [(v, False) for v in images] + [(v, True) for v in audio or ()]
+    for value, is_audio in given:
         path = os.path.expanduser(value)
         if not chat.exists(path):
             chat.error(f"No such file: {value}")
             return EXIT_ERROR
-        mentions.append(ImageMention(value, path, 0, 0))
+        mentions.append(ImageMention(value, path, 0, 0, is_audio))
     attached = chat.attach(mentions)
     if attached is None:
         return EXIT_ERROR

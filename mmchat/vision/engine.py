@@ -368,6 +368,13 @@ def projector_type_of(info: GGUFInfo) -> str:
     return str(proj)
 
 
+def runs_on_mmvision(info: GGUFInfo) -> bool:
+    """Whether libmmvision runs this projector exactly: a LLaVA projector (``mlp``,
+    ``mlp_norm``) on a CLIP tower with its class token. Files that only share the type name
+    (moondream's ``mlp`` on a SigLIP tower without ``v.class_embd``) go to mtmd."""
+    return projector_type_of(info) in LLAVA_PROJECTORS and info.tensor("v.class_embd") is not None
+
+
 def _check_llava_width(info: GGUFInfo, text_n_embd: int | None) -> None:
     if not text_n_embd:
         return
@@ -404,7 +411,7 @@ def open_vision(
     path = Path(mmproj).expanduser()
     info = read_mmproj_header(path)
     proj = projector_type_of(info)
-    chosen = engine or ("mmvision" if proj in LLAVA_PROJECTORS else "mtmd")
+    chosen = engine or ("mmvision" if runs_on_mmvision(info) else "mtmd")
     if chosen == "mmvision":
         if proj not in LLAVA_PROJECTORS:
             raise UserError(f"projector type '{proj}' is not a LLaVA projector (mlp, mlp_norm)")
