@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmchat import __version__
 from mmchat.errors import UserError
-from mmchat.server import ollama_api, openai_api
+from mmchat.server import completions_api, embed_api, files_api, ollama_api, openai_api
 from mmchat.server.errors import ApiError, as_api_error, error_body, error_bytes
 from mmchat.server.limits import BodyLimitMiddleware, Limits
 from mmchat.server.models import ModelManager
@@ -116,6 +116,9 @@ def create_app(
     app.state.mmchat = ServerState(mgr, lim)
     app.include_router(ollama_api.router)
     app.include_router(openai_api.router)
+    app.include_router(embed_api.router)
+    app.include_router(completions_api.router)
+    app.include_router(files_api.router)
 
     @app.get("/", response_class=PlainTextResponse, summary="Liveness check")
     def root() -> str:

@@ -1,9 +1,12 @@
-"""Request limits: body size (HTTP 413), images per request (400), pixels per image (413).
+"""Request limits: body size (HTTP 413), images per request (400), pixels per image (413),
+texts per embedding request and prompts per completion request (400), uploaded blob size.
 
 The body limit is enforced by :class:`BodyLimitMiddleware` before any JSON is parsed: a
 ``Content-Length`` over the limit is refused at once, and a chunked body is counted while
-it is read. The middleware also reads the whole body up front (it is bounded) so that a
-request without a JSON ``Content-Type`` (``curl -d``) is still parsed as JSON.
+it is read (blob uploads under ``/api/blobs/`` are streamed to disk by their handler,
+which enforces ``max_blob_bytes``). The middleware also reads the whole body up front (it
+is bounded) so that a request without a JSON ``Content-Type`` (``curl -d``) is still
+parsed as JSON.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ from mmchat.server.errors import ApiError, error_bytes
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_IMAGES = 16
+DEFAULT_MAX_INPUTS = 256  # texts in one embedding request
+DEFAULT_MAX_PROMPTS = 16  # prompts in one /v1/completions request
+DEFAULT_MAX_BLOB_BYTES = 256 * 1024**3  # one uploaded model file (/api/blobs)
+BLOB_PATH_PREFIX = "/api/blobs/"  # uploads stream to disk: not read by BodyLimitMiddleware
 MAX_DRAIN_BYTES = 1024 * 1024 * 1024  # past this, a refused upload is cut off
 
 Scope = dict[str, Any]
@@ -28,6 +35,15 @@ class Limits:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_images: int = DEFAULT_MAX_IMAGES
     max_image_pixels: int | None = None
+    max_inputs: int = DEFAULT_MAX_INPUTS
+    max_prompts: int = DEFAULT_MAX_PROMPTS
+    max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES
+
+    def check_count(self, n: int, limit: int, what: str) -> None:
+        if n > limit:
+            raise ApiError(
+                400, f"the request has {n} {what}; at most {limit} are allowed per request"
+            )
 
     def check_image_count(self, n: int) -> None:
         if n > self.max_images:
@@ -50,8 +66,8 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] != "http" or str(scope.get("path", "")).startswith(BLOB_PATH_PREFIX):
+            await self.app(scope, receive, send)  # (blob uploads enforce their own limit)
             return
         path = scope.get("path", "")
         headers = dict(scope.get("headers") or [])

@@ -104,6 +104,7 @@ class Entry:
     expires_wall: float | None = None  # time.time() of the same moment, for /api/ps
     last_used: float = field(default_factory=time.monotonic)
     unload_when_idle: bool = False
+    embedder: Any = None  # mmchat.runtime.embedding.Embedder, made on the first embedding
 
     def set_expiry(self, keep_alive_s: float | None) -> None:
         self.keep_alive_s = keep_alive_s
@@ -259,6 +260,8 @@ class ModelManager:
     def _close(self, entry: Entry) -> None:
         log.info("unloading %s", entry.name)
         try:
+            if entry.embedder is not None:  # it uses the model's weights: freed first
+                entry.embedder.close()
             entry.model.close()
         except Exception:  # pragma: no cover
             log.exception("closing %s failed", entry.name)
@@ -392,6 +395,18 @@ class ModelManager:
         if close is not None:
             self._close(close)
         return True
+
+    def embedder(self, lease: Lease) -> Any:
+        """The leased model's ``Embedder`` (made on first use; closed with the model).
+
+        Call with the model's lock held (``lease.model.lock``).
+        """
+        entry = lease.entry
+        if entry.embedder is None or entry.embedder.closed:
+            from mmchat.runtime.embedding import open_embedder
+
+            entry.embedder = open_embedder(entry.model)
+        return entry.embedder
 
     # ------------------------------------------------------------------ reports
     def loaded(self) -> list[Entry]:

@@ -93,7 +93,7 @@ def _chat_prepare(req: S.OllamaChatRequest, state: ServerState) -> Callable[[], 
         if not raw:
             return Prepared(record, [], None, params, num_ctx, keep, load_only=True)
         system, messages = _messages(raw, state, record)
-        return Prepared(record, messages, system, params, num_ctx, keep)
+        return Prepared(record, messages, system or record.system, params, num_ctx, keep)
 
     return run
 
@@ -114,8 +114,9 @@ def _generate_prepare(req: S.OllamaGenerateRequest, state: ServerState) -> Calla
         if not req.prompt and not images:
             return Prepared(record, [], None, params, num_ctx, keep, load_only=True)
         raw = [("user", req.prompt or "", images)]
-        if req.system:
-            raw.insert(0, ("system", req.system, []))
+        system_prompt = req.system or record.system
+        if system_prompt:
+            raw.insert(0, ("system", system_prompt, []))
         system, messages = _messages(raw, state, record)
         return Prepared(record, messages, system, params, num_ctx, keep)
 
@@ -331,6 +332,8 @@ def show(req: S.OllamaModelRequest, request: Request) -> dict[str, Any]:
         modelfile.append(f"FROM {record.mmproj_path}")
     if template:
         modelfile.append(f'TEMPLATE """{template}"""')
+    if record.system:
+        modelfile.append(f'SYSTEM """{record.system}"""')
     for line in _parameters_text(record.params).splitlines():
         modelfile.append(f"PARAMETER {line}")
     if record.license:
@@ -340,6 +343,7 @@ def show(req: S.OllamaModelRequest, request: Request) -> dict[str, Any]:
         "modelfile": "\n".join(modelfile) + "\n",
         "parameters": _parameters_text(record.params),
         "template": template,
+        "system": record.system,
         "details": _details(record),
         "model_info": model_info,
         "projector_info": projector_info,

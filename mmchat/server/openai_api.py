@@ -122,7 +122,7 @@ def _prepare(req: S.ChatCompletionRequest, state: ServerState) -> Callable[[], P
             text, images = _parts(msg, i)
             turns.append(Turn(i, role, text, images))
         system, messages = build_conversation(turns, state, record, allow_empty=False)
-        return Prepared(record, messages, system, params, None, keep)
+        return Prepared(record, messages, system or record.system, params, None, keep)
 
     return run
 

@@ -165,6 +165,7 @@ class ShowResponse(BaseModel):
     modelfile: str
     parameters: str
     template: str
+    system: str | None = None
     details: ModelDetails
     model_info: dict[str, Any]
     projector_info: dict[str, Any] | None = None
@@ -284,3 +285,134 @@ class OpenAIErrorDetail(BaseModel):
 
 class OpenAIError(BaseModel):
     error: OpenAIErrorDetail
+
+
+# ----------------------------------------------------------------------------- embeddings
+MAX_DIMENSIONS = 1 << 16
+
+
+class OllamaEmbedRequest(_Lenient):
+    model: str
+    input: str | list[str] | None = Field(None, description="a text or a list of texts")
+    truncate: bool | None = Field(None, description="cut inputs to the context (default true)")
+    dimensions: int | None = Field(None, ge=1, le=MAX_DIMENSIONS)
+    keep_alive: KeepAlive = None
+    options: OllamaOptions | None = None
+
+
+class OllamaEmbedResponse(BaseModel):
+    model: str
+    embeddings: list[list[float]]
+    total_duration: int | None = Field(None, description="nanoseconds")
+    load_duration: int | None = Field(None, description="nanoseconds")
+    prompt_eval_count: int | None = None
+
+
+class OllamaEmbeddingsRequest(_Lenient):
+    """The older ``/api/embeddings``: one ``prompt``, an unnormalised vector."""
+
+    model: str
+    prompt: str | None = None
+    keep_alive: KeepAlive = None
+    options: OllamaOptions | None = None
+
+
+class OllamaEmbeddingsResponse(BaseModel):
+    embedding: list[float]
+
+
+class EmbeddingRequest(_Lenient):
+    model: str
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="a text, a list of texts, or token ids"
+    )
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(None, ge=1, le=MAX_DIMENSIONS)
+    user: str | None = None
+    keep_alive: KeepAlive = Field(None, description="mmchat extension, as in Ollama")
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str = Field(..., description="floats, or base64 of float32 LE")
+    index: int
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
+# ----------------------------------------------------------------------------- completions
+class CompletionRequest(_Lenient):
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="a text or a list of texts (one choice each)"
+    )
+    suffix: str | None = Field(None, description="fill-in-the-middle: the text after the gap")
+    max_tokens: int | None = Field(None, ge=1, le=INT32)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    echo: bool | None = None
+    n: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
+    best_of: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
+    logprobs: int | None = Field(None, ge=0, le=5)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    user: str | None = None
+    keep_alive: KeepAlive = Field(None, description="mmchat extension, as in Ollama")
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+# ----------------------------------------------------------------------------- model files
+class CopyRequest(_Lenient):
+    source: str
+    destination: str
+
+
+class CreateRequest(_Lenient):
+    """Ollama's current ``/api/create``: a base model (``from``) or uploaded GGUF blobs
+    (``files``: file name → digest), plus template, system prompt, parameters, quantize."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, populate_by_name=True)
+
+    model: str | None = None
+    name: str | None = Field(None, description="older spelling of model")
+    from_: str | None = Field(None, alias="from", description="an existing model's name")
+    files: dict[str, str] | None = Field(None, description="file name -> sha256:<hex> blob")
+    adapters: dict[str, str] | None = None
+    template: str | None = Field(None, description="a Jinja chat template")
+    system: str | None = None
+    license: str | list[str] | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[Any] | None = None
+    quantize: str | None = Field(None, description="q4_k_m, q8_0, ... (from an F16/F32 model)")
+    modelfile: str | None = None
+    stream: bool = True

@@ -35,6 +35,7 @@ Manifest (schema 1)::
       "template_hint": null | "vicuna" | "mistral-instruct" | ...,
       "params": {"num_ctx": 4096},
       "license": null | "apache-2.0",
+      "system": "<default system prompt>" (optional; set by the API's create),
       "source": {"type": "hf", "repo": "mys/ggml_llava-v1.5-13b", "revision": "<commit>",
                  "files": {"model": "ggml-model-q4_k.gguf", "mmproj": "mmproj-model-f16.gguf"}}
                 | {"type": "local", "files": {...}} | {"type": "convert", ...}
@@ -179,6 +180,12 @@ class ModelRecord:
     def license(self) -> str | None:
         lic = self.manifest.get("license")
         return str(lic) if lic else None
+
+    @property
+    def system(self) -> str | None:
+        """The default system prompt (``create``'s ``system``), used when a request has none."""
+        text = self.manifest.get("system")
+        return str(text) if text else None
 
     @property
     def capabilities(self) -> list[str]:
@@ -383,6 +390,7 @@ class Store:
         license: str | None = None,
         family: str | None = None,
         source: dict[str, Any] | None = None,
+        system: str | None = None,
     ) -> ModelRecord:
         """Write the manifest for ``name`` once every blob it references is present."""
         mname = parse_name(name) if isinstance(name, str) else name
@@ -400,6 +408,8 @@ class Store:
             "license": license,
             "source": dict(source or {}),
         }
+        if system:
+            manifest["system"] = system
         path = self.manifest_path(mname)
         with self.lock():
             for part in parts.values():
