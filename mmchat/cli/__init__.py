@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 # Command modules register themselves on import; keep this list sorted.
+from mmchat.cli import client as _client  # noqa: F401  (registers `ps` and `stop`)
 from mmchat.cli import convert as _convert  # noqa: F401  (registers `convert`)
 from mmchat.cli import doctor as _doctor  # noqa: F401  (registers `doctor`)
 from mmchat.cli import run as _run  # noqa: F401  (registers `run`)

@@ -119,6 +119,11 @@ class Generation:
             self.prepared = prepared
             if self._stop.is_set():
                 return
+            if prepared.load_only and prepared.keep_alive_s == 0:
+                # an unload request (``mmchat stop``): never load a model only to unload it
+                self.manager.unload(prepared.record.name)
+                self._put(Loaded(0.0, unloaded=True))
+                return
             lease = self.manager.acquire(
                 prepared.record, num_ctx=prepared.num_ctx, keep_alive_s=prepared.keep_alive_s
             )
