@@ -295,7 +295,9 @@ def load_vocab(
             content = _content(data)
             if content is not None and str(key).isdigit():
                 place(int(key), content, bool(isinstance(data, dict) and data.get("special")))
-    if tj_path.is_file() and source == "tokenizer.model":
+    if tj_path.is_file():
+        # added tokens past the base vocabulary (<image>, <pad>): a folder transformers 5
+        # saved lists them only here (no added_tokens.json, no added_tokens_decoder)
         tj = _read_json(tj_path)
         for entry in tj.get("added_tokens", []) or []:
             if isinstance(entry, dict) and isinstance(entry.get("id"), int):
@@ -338,6 +340,96 @@ def load_vocab(
     else:
         vocab.chat_template, vocab.template_source = default_template, "family default"
     return vocab
+
+
+# --- the space after a special token ------------------------------------------------------
+
+SPIECE = "\u2581"
+
+
+def _walk(node: Any, key: str) -> list[dict[str, Any]]:
+    """A normalizer / pre-tokenizer and, for a ``Sequence``, its members (flattened)."""
+    if not isinstance(node, dict):
+        return []
+    members = node.get(key)
+    if node.get("type") == "Sequence" and isinstance(members, list):
+        return [n for m in members for n in _walk(m, key)]
+    return [node]
+
+
+def prefix_rule_of_tokenizer_json(tj: dict[str, Any]) -> tuple[bool | None, str]:
+    """How a ``tokenizer.json`` pipeline starts each piece of text between special tokens.
+
+    (legacy_spaces, why): True when every piece gets SentencePiece's dummy "▁" (a
+    ``Prepend("▁")`` normalizer, which ``tokenizers`` applies to each piece; or a
+    ``Metaspace`` pre-tokenizer with ``prepend_scheme: "always"`` / the pre-0.14 spelling
+    ``add_prefix_space: true``); False when only the very first piece does
+    (``prepend_scheme: "first"``) or none does (``"never"``); None when the file has no such
+    step (not a SentencePiece-style pipeline)."""
+    for norm in _walk(tj.get("normalizer"), "normalizers"):
+        if norm.get("type") == "Prepend" and norm.get("prepend") == SPIECE:
+            return True, 'tokenizer.json normalizer Prepend("\u2581")'
+    for pre in _walk(tj.get("pre_tokenizer"), "pretokenizers"):
+        if pre.get("type") != "Metaspace":
+            continue
+        scheme = pre.get("prepend_scheme")
+        if scheme is None and isinstance(pre.get("add_prefix_space"), bool):
+            scheme = "always" if pre["add_prefix_space"] else "never"
+        if scheme in ("always", "first", "never"):
+            return scheme == "always", f"tokenizer.json Metaspace prepend_scheme {scheme!r}"
+    return None, ""
+
+
+def legacy_spaces_of(folder: Path) -> tuple[bool, list[str]]:
+    """Whether the checkpoint's Hugging Face tokenizer, tokenizing a whole prompt, starts
+    the text after a special token (``<image>``, ``</s>``) with "▁" (True, "legacy") or
+    continues it without one (False). Returns (value, conversion notes).
+
+    1. ``tokenizer.json``, when its pipeline says (see ``prefix_rule_of_tokenizer_json``):
+       the fast tokenizer, which transformers 4 runs as written and which every
+       ``save_pretrained`` writes to agree with the tokenizer it saved;
+    2. otherwise the ``legacy`` key of ``tokenizer_config.json``;
+    3. otherwise False: transformers 5's ``LlamaTokenizer`` default. (transformers 4
+       defaulted to True here, with a warning.)
+
+    transformers 5's ``LlamaTokenizer`` ignores the pipeline in ``tokenizer.json`` and follows
+    ``legacy`` alone (missing = False); where the two disagree a note says so (measured with
+    transformers 4.57 and 5.23, tests/test_tokenizer_legacy.py)."""
+    cfg = _read_json(folder / "tokenizer_config.json")
+    raw = cfg.get("legacy")
+    flag = raw if isinstance(raw, bool) else None
+    notes: list[str] = []
+    tj_path = folder / "tokenizer.json"
+    from_file: bool | None = None
+    why = ""
+    if tj_path.is_file():
+        from_file, why = prefix_rule_of_tokenizer_json(_read_json(tj_path))
+
+    def said(v: bool) -> str:
+        return "a \u2581 after special tokens" if v else "no \u2581 after special tokens"
+
+    if from_file is not None:
+        if "'never'" in why:
+            notes.append(
+                f"tokenizer: {why}: this tokenizer adds no dummy \u2581 even at the start of "
+                "a prompt; mmchat's runtime adds one there (SentencePiece's rule)"
+            )
+        v5 = bool(flag)  # transformers 5: the flag, missing = False
+        if v5 != from_file:
+            legacy_text = "missing" if flag is None else f"{flag}"
+            notes.append(
+                f"tokenizer: {why} gives {said(from_file)} (transformers 4's fast tokenizer, "
+                f"used here), but tokenizer_config.json's legacy is {legacy_text}, from which "
+                f"transformers 5 gives {said(v5)}"
+            )
+        return from_file, notes
+    if flag is not None:
+        return flag, notes
+    notes.append(
+        "tokenizer: no tokenizer.json and no legacy key: no \u2581 after special tokens "
+        "(transformers 5's default; transformers 4 defaulted to legacy=True)"
+    )
+    return False, notes
 
 
 # The conversation format LLaVA 1.5 and BakLLaVA-1 were trained with (vicuna_v1):

@@ -14,14 +14,13 @@ from typing import Any, ClassVar
 from mmchat.errors import UserError
 
 from ..checkpoint import open_checkpoint
-from ..tokenizer import LLAVA_V1_TEMPLATE
+from ..tokenizer import LLAVA_V1_TEMPLATE, legacy_spaces_of
 from .base import (
     FamilyPlan,
     clip_vision_plan,
     image_norm_from,
     llama_text_plan,
     mlp_projector_jobs,
-    read_json_opt,
 )
 
 # (embeddings, layer prefix, final norm, lm_head) of the language model
@@ -122,7 +121,7 @@ class LlavaHF:
             lm_head=lm_head,
             mistral=text_type == "mistral",
         )
-        notes: list[str] = []
+        legacy_spaces, notes = legacy_spaces_of(folder)
         mean, std = image_norm_from([folder], notes)
         vis_hp, vis_jobs = clip_vision_plan(
             ckpt,
@@ -157,6 +156,6 @@ class LlavaHF:
             notes=notes,
             vision_source="checkpoint",
             # transformers' processor tokenizes the whole prompt with <image> as an added
-            # token; its "legacy" flag decides whether a "▁" follows special tokens
-            legacy_spaces=bool(read_json_opt(folder / "tokenizer_config.json").get("legacy", True)),
+            # token; the tokenizer's pipeline decides whether a "▁" follows special tokens
+            legacy_spaces=legacy_spaces,
         )

@@ -23,6 +23,7 @@ from .base import (
     llama_text_plan,
     mlp_projector_jobs,
     read_json,
+    read_json_opt,
 )
 
 _EMBEDDED_TOWER = "model.vision_tower.vision_tower.vision_model."
@@ -131,6 +132,14 @@ class _Original:
             vision_width=vis_hp.n_embd,
             text_width=text_hp.n_embd,
         )
+        if read_json_opt(folder / "tokenizer_config.json").get("legacy") is False:
+            # the slow tokenizer original LLaVA uses (use_fast=False) honours the flag inside
+            # a chunk: no "▁" after "</s>" there; the runtime has one rule for both
+            notes.append(
+                "tokenizer: original LLaVA starts the text after an image with \u2581 (chunked "
+                "tokenization, kept here) but, with this tokenizer's legacy=false, not the "
+                "text after </s> in a later turn; mmchat adds one there too"
+            )
         return FamilyPlan(
             family=self.name,
             architecture=(config.get("architectures") or [self.architectures[0]])[0],
@@ -148,7 +157,8 @@ class _Original:
             notes=notes,
             vision_source=source,
             # LLaVA's tokenizer_image_token tokenizes the text around the image chunk by
-            # chunk, so the text after the image starts with "▁"
+            # chunk (each chunk with SentencePiece's dummy prefix, whatever the tokenizer's
+            # legacy flag or tokenizer.json say), so the text after an image starts with "▁"
             legacy_spaces=True,
         )
 
