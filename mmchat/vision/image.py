@@ -1,7 +1,10 @@
 """Loading images (any file Pillow reads) and LLaVA's preprocessing.
 
 ``load_image`` turns a path or bytes into an RGB ``PreparedImage`` identified by the sha256 of
-its bytes; every way it can fail is a one-line ``UserError``. ``llava_pixels`` prepares it the
+its bytes; every way it can fail is a one-line ``UserError``. A transparent image (an alpha
+channel, or a palette / grey / RGB image with a transparent colour) is composited onto white
+first, as image viewers show it and as transformers' processors (``convert_to_rgb``) prepare
+it, for every model and engine (docs/images.md). ``llava_pixels`` prepares it the
 way original LLaVA does ("pad" aspect ratio): pad to a square with the mean colour, bicubic
 resize to the encoder's size, scale to [0, 1], normalise with the file's mean/std, CHW.
 """
@@ -61,11 +64,32 @@ def _read_source(source: str | Path | bytes | bytearray | memoryview) -> tuple[b
         raise UserError(f"Cannot read image {label}: {exc.strerror or exc}") from exc
 
 
+WHITE = (255, 255, 255, 255)
+_HIGH_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def has_transparency(im: Image.Image) -> bool:
+    """An alpha band (RGBA, LA, PA) or a transparent colour (``info["transparency"]``: P, L,
+    RGB): what transformers' ``convert_to_rgb`` composites."""
+    return "A" in im.getbands() or im.info.get("transparency") is not None
+
+
+def composite_on_white(im: Image.Image) -> Image.Image:
+    """Straight-alpha "over" onto opaque white, 8-bit RGB: Pillow's ``alpha_composite``, the
+    operation transformers' ``convert_to_rgb`` uses, so the pixels are identical to its."""
+    rgba = im.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, WHITE)
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB (16-bit and float greys are scaled, not clipped)."""
-    if im.mode == "RGB":
+    """Any Pillow mode to 8-bit RGB (16-bit and float greys are scaled, not clipped);
+    transparent images are composited onto white (``composite_on_white``)."""
+    if im.mode == "RGB" and not has_transparency(im):
         return im
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+    if im.mode not in _HIGH_BIT and has_transparency(im):
+        return composite_on_white(im)
+    if im.mode in _HIGH_BIT:  # a transparent colour in these is not honoured
         a = np.asarray(im, dtype=np.float64)
         if im.mode == "F":
             hi = 1.0 if a.size and float(np.nanmax(a)) <= 1.0 else 255.0
@@ -82,6 +106,13 @@ def load_image(
     source: str | Path | bytes | bytearray | memoryview, *, max_pixels: int | None = None
 ) -> PreparedImage:
     """Read, decode, EXIF-orient and convert an image to RGB.
+
+    Transparency is resolved first of all the pixel work, for every engine: RGBA, LA, PA,
+    and P / L / RGB images with a transparent colour are composited onto white (what a
+    viewer shows, and what transformers' image processors feed the model), not stripped of
+    their alpha (which would show whatever colour the transparent pixels happen to hold).
+    EXIF orientation is applied before that, which gives the same pixels (both act per
+    pixel / by position) and keeps the EXIF data that compositing would drop.
 
     ``max_pixels`` (default ``MMCHAT_MAX_IMAGE_PIXELS``) rejects images whose header announces
     more pixels, before anything is decoded. Raises ``UserError`` (one line) for a missing,
