@@ -134,6 +134,7 @@ def load_model(
                 n_threads=opts.n_threads,
                 device=opts.vision_device,
                 llama_model=text.address,
+                flash_attn=opts.flash_attn,
             )
         names = [
             info.get("general.name"),

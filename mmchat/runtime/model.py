@@ -330,10 +330,25 @@ class LoadedModel:
             return PromptMedia(
                 image_key(media), media, media.layout, emb, media.rel_pos, media.pos_shift
             )
-        self._check_capable(media)
-        return PromptMedia(image_key(media), media, tuple(self._vision.layout(media)))
+        self.check_media(media)
+        layout = tuple(self._vision.layout(media))
+        self._check_layout(layout)
+        return PromptMedia(image_key(media), media, layout)
 
-    def _check_capable(self, media: ImageInput) -> None:
+    def _check_layout(self, layout: tuple[Any, ...]) -> None:
+        """The engine's wrapper tokens must exist in this model's vocabulary."""
+        for span in layout:
+            if isinstance(span, TextSpan):
+                bad = [t for t in span.tokens if not 0 <= t < self.n_vocab]
+                if bad:
+                    raise UserError(
+                        f"the projector wraps media in token {bad[0]}, which this model's "
+                        f"vocabulary ({self.n_vocab} tokens) does not have: the projector and "
+                        "the model do not belong together"
+                    )
+
+    def check_media(self, media: ImageInput) -> None:
+        """``UserError`` unless this model can take ``media`` (an image or an audio clip)."""
         audio = getattr(media, "kind", "") == "audio"
         if audio and not self.has_audio:
             raise UserError("this model cannot hear audio (its projector has no audio encoder)")
@@ -360,7 +375,7 @@ class LoadedModel:
         if not todo:
             return
         for it in todo:
-            self._check_capable(it.source)
+            self.check_media(it.source)
         t0 = time.perf_counter()
         results = list(self._vision.encode_many([it.source for it in todo]))
         run.encode_ms += (time.perf_counter() - t0) * 1000
@@ -370,6 +385,7 @@ class LoadedModel:
             emb = np.ascontiguousarray(result.embeddings, dtype=np.float32)
             self._check_embd(emb)
             it.embeddings = emb
+            self._check_layout(tuple(result.layout))
             it.layout = tuple(result.layout)
             it.rel_pos = result.rel_pos
             it.pos_shift = result.pos_shift

@@ -170,12 +170,9 @@ class ChatSession:
         p.validate()
         imgs = list(images)
         model = self.model
-        if (
-            imgs
-            and not model.has_vision
-            and any(getattr(i, "embeddings", None) is None and not hasattr(i, "ndim") for i in imgs)
-        ):
-            raise UserError("this model cannot see images")
+        for media in imgs:
+            if getattr(media, "embeddings", None) is None and not hasattr(media, "ndim"):
+                model.check_media(media)  # this model cannot see images / hear audio
         return self._send(Message("user", text, imgs), p)
 
     def reply(self, *, params: SamplingParams | None = None) -> Generator[Event, None, None]:

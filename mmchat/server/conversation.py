@@ -47,12 +47,20 @@ def build_conversation(
         else:
             chat.append(turn)
     state.limits.check_image_count(n_images)
-    if n_images and "vision" not in record.capabilities:
+    n_audio = sum(1 for t in chat for m in t.images if m.audio)
+    if n_images - n_audio and "vision" not in record.capabilities:
         raise ApiError(
             400,
             f"model {record.name!r} cannot see images (it has no vision projector); "
             "send text only or use a vision model",
             code="model_has_no_vision",
+        )
+    if n_audio and "audio" not in record.capabilities:
+        raise ApiError(
+            400,
+            f"model {record.name!r} cannot hear audio (its projector has no audio encoder); "
+            "send text only or use an audio model",
+            code="model_has_no_audio",
         )
     if chat and chat[-1].role != "user":
         raise ApiError(400, "the last message must be the user's")

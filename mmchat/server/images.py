@@ -1,4 +1,5 @@
-"""Images in API requests: base64 (Ollama's ``images``) and data URIs (OpenAI's ``image_url``).
+"""Media in API requests: images as base64 (Ollama's ``images``) and data URIs (OpenAI's
+``image_url``), audio as base64 (OpenAI's ``input_audio``).
 
 The server never reads a file or fetches a URL that a request names: images arrive as bytes
 only. ``file://`` and ``http(s)://`` URLs are refused with a message that says what to send
@@ -25,10 +26,12 @@ SEND_DATA_URI = "send the image as a data URI (data:image/png;base64,...)"
 
 @dataclass(frozen=True)
 class RawImage:
-    """Decoded image bytes and where they came from in the request (for messages)."""
+    """Decoded media bytes and where they came from in the request (for messages);
+    ``audio``: an audio clip (OpenAI ``input_audio``) rather than an image."""
 
     data: bytes
     where: str
+    audio: bool = False
 
 
 def decode_base64(value: str, where: str) -> bytes:
@@ -113,17 +116,41 @@ def _looks_like_path(text: str) -> bool:
     )
 
 
-def prepare(images: list[RawImage], max_pixels: int | None) -> list[Any]:
-    """Decode every image with the vision module (``PreparedImage``s), in request order.
+AUDIO_FORMATS = ("wav", "mp3", "flac")
 
-    CPU work: call it from a worker thread. A bad image is a ``UserError`` naming it.
+
+def decode_input_audio(data: object, fmt: object, where: str) -> bytes:
+    """OpenAI's ``input_audio``: base64 ``data`` and a ``format`` (wav, mp3; flac too)."""
+    if fmt is not None and str(fmt).lower() not in AUDIO_FORMATS:
+        raise ApiError(400, f"{where} has format {fmt!r}; mmchat takes wav, mp3 or flac")
+    if not isinstance(data, str) or not data.strip():
+        raise ApiError(400, f"{where} has no base64 'data'")
+    text = data.strip()
+    if text[:5].lower() == "data:":
+        return decode_data_uri(text, where)
+    _refuse_reference(text, where, "send the audio bytes base64-encoded")
+    decoded = _b64(text, where)
+    if decoded is None:
+        raise ApiError(400, f"{where} is not valid base64 (send the audio bytes base64-encoded)")
+    return decoded
+
+
+def prepare(images: list[RawImage], max_pixels: int | None) -> list[Any]:
+    """Decode every image (``PreparedImage``) and check every audio clip
+    (``PreparedAudio``), in request order.
+
+    CPU work: call it from a worker thread. A bad input is a ``UserError`` naming it.
     """
     from mmchat.vision import load_image
+    from mmchat.vision.audio import load_audio
 
     out: list[Any] = []
     for img in images:
         try:
-            out.append(load_image(img.data, max_pixels=max_pixels))
+            if img.audio:
+                out.append(load_audio(img.data))
+            else:
+                out.append(load_image(img.data, max_pixels=max_pixels))
         except UserError as exc:
             label = f"<{len(img.data)} bytes>"
             text = str(exc)

@@ -17,7 +17,7 @@ from mmchat.server import schemas as S
 from mmchat.server.chat import Generation, Loaded, Prepared, is_end, stream_batched
 from mmchat.server.conversation import Turn, build_conversation
 from mmchat.server.errors import ApiError, as_api_error, error_body
-from mmchat.server.images import RawImage, decode_image_url
+from mmchat.server.images import RawImage, decode_image_url, decode_input_audio
 from mmchat.server.models import parse_keep_alive
 from mmchat.server.params import base_params, schema_grammar
 from mmchat.server.state import ServerState, state_of
@@ -56,11 +56,18 @@ def _parts(msg: S.OpenAIMessage, i: int) -> tuple[str, list[RawImage]]:
                 raise ApiError(400, f"{where} is missing")
             label = f"image {len(images) + 1} of message {i}"
             images.append(RawImage(decode_image_url(url, where), label))
+        elif part.type == "input_audio":
+            where = f"input_audio of part {j} of message {i}"
+            audio = part.input_audio
+            if audio is None:
+                raise ApiError(400, f"{where} is missing")
+            data = decode_input_audio(audio.data, audio.format, where)
+            images.append(RawImage(data, f"audio {len(images) + 1} of message {i}", audio=True))
         else:
             raise ApiError(
                 400,
                 f"part {j} of message {i} has type {part.type!r}; "
-                "mmchat supports 'text' and 'image_url'",
+                "mmchat supports 'text', 'image_url' and 'input_audio'",
             )
     return "\n".join(t for t in texts if t), images
 

@@ -196,10 +196,16 @@ class ImageURL(_Lenient):
     detail: str | None = None
 
 
+class InputAudio(_Lenient):
+    data: str = Field(..., description="base64-encoded audio bytes (wav, mp3 or flac)")
+    format: str | None = Field(None, description='"wav", "mp3" or "flac"')
+
+
 class ContentPart(_Lenient):
-    type: str = Field(..., description='"text" or "image_url"')
+    type: str = Field(..., description='"text", "image_url" or "input_audio"')
     text: str | None = None
     image_url: ImageURL | str | None = None
+    input_audio: InputAudio | None = None
 
 
 class OpenAIMessage(_Lenient):

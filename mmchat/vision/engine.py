@@ -399,6 +399,7 @@ def open_vision(
     disk_cache: bool | Path = False,
     max_batch: int = 4,
     engine: str | None = None,
+    flash_attn: bool | None = None,
 ) -> VisionEngine:
     """Open the vision half of a model.
 
@@ -406,7 +407,9 @@ def open_vision(
     mismatched file), then routes: LLaVA projectors to libmmvision, the rest to mtmd (which
     needs ``llama_model``, the ``llama_model*`` of the loaded text model). ``engine`` forces
     "mmvision" or "mtmd" (for comparisons; mtmd also runs LLaVA files, with its known bugs).
-    ``device`` is a ggml device name or "cpu" (default: the best one).
+    ``device`` is a ggml device name or "cpu" (default: the best one). ``flash_attn``: the
+    encoder's attention kernel on mtmd (None: llama.cpp's choice; libmmvision's graph is exact
+    either way).
     """
     path = Path(mmproj).expanduser()
     info = read_mmproj_header(path)
@@ -442,5 +445,6 @@ def open_vision(
             use_gpu=(device or "").lower() != "cpu",
             cache=cache,
             disk_cache=disk_cache,
+            flash_attn=flash_attn,
         )
     raise ValueError(f"engine {engine!r}: use 'mmvision' or 'mtmd'")

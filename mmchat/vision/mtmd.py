@@ -50,7 +50,7 @@ def _quiet_mtmd_logs(mtmd: Any) -> None:
         if level != _GGML_LOG_LEVEL_CONT:
             _last_level = level
         if _last_level >= _GGML_LOG_LEVEL_WARN and text:
-            line = text.decode(errors="replace").strip()
+            line = " ".join(text.decode(errors="replace").split())  # one line
             if line:
                 _recent.append(line)
 
@@ -85,9 +85,11 @@ class MtmdEngine(VisionEngine):
         cache: EmbeddingCache | None = None,
         disk_cache: bool | Path = False,
         quiet: bool = True,
+        flash_attn: bool | None = None,
     ) -> None:
         import os
 
+        import llama_cpp
         from llama_cpp import mtmd_cpp as mtmd
 
         super().__init__(mmproj, cache=cache, disk_cache=disk_cache)
@@ -99,6 +101,12 @@ class MtmdEngine(VisionEngine):
         params.print_timings = False
         params.warmup = False
         params.n_threads = int(n_threads or os.cpu_count() or 1)
+        if flash_attn is not None:  # None: llama.cpp's choice (auto)
+            params.flash_attn_type = (
+                llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+                if flash_attn
+                else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
         _recent.clear()
         self._ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llama_model, params)
         if not self._ctx:
@@ -125,7 +133,7 @@ class MtmdEngine(VisionEngine):
             if not self.supports_audio:
                 raise UserError("this model cannot hear audio (its projector has no audio encoder)")
             buf = (ctypes.c_uint8 * len(media.data)).from_buffer_copy(media.data)
-            bitmap = mtmd.mtmd_helper_bitmap_init_from_buf(self._ctx, buf, len(media.data))
+            bitmap = mtmd.mtmd_helper_bitmap_init_from_buf(self._ctx, buf, len(media.data), False)
             if not bitmap:
                 raise UserError(f"mtmd cannot decode audio {media.source} ({media.format})")
             if not mtmd.mtmd_bitmap_is_audio(bitmap):
