@@ -239,6 +239,8 @@ def _add_value(w: GGUFWriter, key: str, value: Any) -> None:
         w.add_float32(key, value)
     elif isinstance(value, str):
         w.add_string(key, value)
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(x, str) for x in value):
+        w.add_array(key, [str(x) for x in value])
     elif isinstance(value, (list, tuple)) and all(isinstance(x, int) for x in value):
         w.add_array(key, [int(x) for x in value])
     elif isinstance(value, (list, tuple)) and all(isinstance(x, (int, float)) for x in value):
@@ -255,30 +257,12 @@ def _vision_kv(
     def add(w: GGUFWriter) -> None:
         w.add_type("mmproj")
         w.add_name(f"{name} vision encoder and projector")
-        w.add_description(
-            f"CLIP vision tower + LLaVA MLP projector of {name} (converted by mmchat)"
-        )
+        w.add_description(v.description(name))
         w.add_file_type(int(Q.VISION_FTYPES[vq]))
         if vq not in Q.FLOAT_TYPES:
             w.add_quantization_version(GGML_QUANT_VERSION)
-        w.add_bool("clip.has_text_encoder", False)
-        w.add_bool("clip.has_vision_encoder", True)
-        w.add_bool("clip.has_llava_projector", True)
-        w.add_string("clip.projector_type", v.projector_type)
-        w.add_bool("clip.use_gelu", v.use_gelu)
-        w.add_uint32("clip.vision.image_size", v.image_size)
-        w.add_uint32("clip.vision.patch_size", v.patch_size)
-        w.add_uint32("clip.vision.embedding_length", v.n_embd)
-        w.add_uint32("clip.vision.feed_forward_length", v.n_ff)
-        w.add_uint32("clip.vision.projection_dim", v.projection_dim)
-        w.add_uint32("clip.vision.block_count", v.n_layer)
-        w.add_uint32("clip.vision.attention.head_count", v.n_head)
-        w.add_float32("clip.vision.attention.layer_norm_epsilon", v.eps)
-        w.add_array("clip.vision.image_mean", [float(x) for x in v.image_mean])
-        w.add_array("clip.vision.image_std", [float(x) for x in v.image_std])
-        # LLaVA reads hidden_states[select_layer]; with this key llama.cpp runs exactly the
-        # blocks before it and (as v.post_ln is not written) applies no post-layernorm.
-        w.add_array("clip.vision.feature_layer", [int(v.feature_layer)])
+        for key, value in v.kv():
+            _add_value(w, key, value)
         for key, value in plan.vision_kv:
             _add_value(w, key, value)
 
@@ -318,7 +302,7 @@ def convert(
     progress: bool | ProgressFn = False,
     threads: int | None = None,
 ) -> ConversionResult:
-    """Convert a LLaVA-family checkpoint (folder or Hugging Face repo id) to two GGUF files.
+    """Convert a supported checkpoint (folder or Hugging Face repo id) to two GGUF files.
 
     Returns the paths, the chosen name and a summary. Raises :class:`UserError` for
     anything the user can fix; never leaves a file under a final name after a failure.
@@ -339,6 +323,8 @@ def convert(
         config_ids=plan.config_ids,
         default_template=plan.default_template,
     )
+    if plan.add_bos is not None:
+        vocab.add_bos = plan.add_bos
     name = name or default_name(folder, repo)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]*", name):
         raise UserError(f"Invalid model name {name!r}: use letters, digits, '.', '_', '-', ':'")

@@ -6,7 +6,8 @@ from typing import Any
 
 from mmchat.errors import UserError
 
-from .base import Family, FamilyPlan, TensorJob, TextHParams, VisionHParams
+from .base import Family, FamilyPlan, TensorJob, TextHParams, VisionSpec
+from .clip import VisionHParams
 from .llava_hf import LlavaHF
 from .llava_next import FAMILIES as LLAVA_NEXT
 from .llava_original import LlavaLlama, LlavaMistral
@@ -37,6 +38,7 @@ __all__ = [
     "TensorJob",
     "TextHParams",
     "VisionHParams",
+    "VisionSpec",
     "detect_family",
     "supported_architectures",
 ]

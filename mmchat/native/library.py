@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mmchat.settings import load_settings
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 if sys.platform == "darwin":
     LIBRARY_NAME = "libmmvision.dylib"

@@ -1,10 +1,12 @@
-"""ctypes binding of libmmvision's model API: load an mmproj, encode preprocessed images."""
+"""ctypes binding of libmmvision's model API: load a vision GGUF, encode preprocessed images
+(and, for families that read text such as InstructBLIP, the token ids of an instruction)."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,9 @@ class _ModelInfoStruct(ctypes.Structure):
         ("image_std", ctypes.c_float * 3),
         ("eps", ctypes.c_float),
         ("flash_attn", ctypes.c_int32),
+        ("text_input", ctypes.c_int32),
+        ("n_text_max", ctypes.c_int32),
+        ("n_text_vocab", ctypes.c_int32),
     ]
 
 
@@ -86,6 +91,16 @@ def declare_model_functions(lib: ctypes.CDLL) -> None:
     lib.mmv_encode.argtypes = [
         handle,
         ctypes.POINTER(ctypes.c_float),
+        ctypes.c_int32,
+        ctypes.POINTER(ctypes.c_float),
+        ctypes.c_size_t,
+    ]
+    lib.mmv_encode_text.restype = ctypes.c_int
+    lib.mmv_encode_text.argtypes = [
+        handle,
+        ctypes.POINTER(ctypes.c_float),
+        ctypes.c_int32,
+        ctypes.POINTER(ctypes.c_int32),
         ctypes.c_int32,
         ctypes.POINTER(ctypes.c_float),
         ctypes.c_size_t,
@@ -122,6 +137,10 @@ class ModelInfo:
     image_std: tuple[float, float, float]
     eps: float
     flash_attn: bool
+    text_input: bool = False
+    """The rows depend on token ids (InstructBLIP's instruction): pass ``tokens`` to encode."""
+    n_text_max: int = 0
+    n_text_vocab: int = 0
 
 
 class NativeVisionModel:
@@ -176,6 +195,9 @@ class NativeVisionModel:
             image_std=(info.image_std[0], info.image_std[1], info.image_std[2]),
             eps=info.eps,
             flash_attn=bool(info.flash_attn),
+            text_input=bool(info.text_input),
+            n_text_max=int(info.n_text_max),
+            n_text_vocab=int(info.n_text_vocab),
         )
 
     def _check(self, status: int) -> None:
@@ -191,8 +213,11 @@ class NativeVisionModel:
         with self._lock:
             self._check(self._lib.mmv_model_set_n_threads(self._live_handle(), int(n_threads)))
 
-    def encode(self, pixels: np.ndarray) -> np.ndarray:
-        """``pixels`` [n, 3, S, S] (or [3, S, S]) float32 -> embeddings [n, n_tokens, n_embd]."""
+    def encode(self, pixels: np.ndarray, tokens: Sequence[int] | None = None) -> np.ndarray:
+        """``pixels`` [n, 3, S, S] (or [3, S, S]) float32 -> embeddings [n, n_tokens, n_embd].
+
+        ``tokens``: the token ids every image of the call is encoded with (only for models
+        with ``info.text_input``, e.g. InstructBLIP's instruction)."""
         s = self.info.image_size
         arr = np.ascontiguousarray(pixels, dtype=np.float32)
         if arr.ndim == 3:
@@ -201,17 +226,25 @@ class NativeVisionModel:
             raise ValueError(f"pixels must have shape [n, 3, {s}, {s}], got {list(pixels.shape)}")
         n = arr.shape[0]
         out = np.empty((n, self.info.n_tokens, self.info.n_embd), dtype=np.float32)
+        px = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        dst = out.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         with self._lock:
             handle = self._live_handle()
-            self._check(
-                self._lib.mmv_encode(
-                    handle,
-                    arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-                    n,
-                    out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-                    out.size,
+            if tokens is None:
+                self._check(self._lib.mmv_encode(handle, px, n, dst, out.size))
+            else:
+                ids = np.ascontiguousarray(np.asarray(tokens, dtype=np.int32).reshape(-1))
+                self._check(
+                    self._lib.mmv_encode_text(
+                        handle,
+                        px,
+                        n,
+                        ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                        int(ids.size),
+                        dst,
+                        out.size,
+                    )
                 )
-            )
         return out
 
     def close(self) -> None:

@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define MMV_ABI_VERSION 3
+#define MMV_ABI_VERSION 4
 
 typedef enum mmv_status {
     MMV_OK = 0,
@@ -75,13 +75,14 @@ typedef struct mmv_device_info {
 MMV_API int32_t    mmv_device_count(void);
 MMV_API mmv_status mmv_device_get_info(int32_t index, mmv_device_info * out);
 
-/* --- vision models (an mmproj GGUF: CLIP ViT + LLaVA projector) -------------------
+/* --- vision models (an mmproj GGUF: vision encoder + connector) --------------------
  *
- * mmv_model_load() reads the file with gguf, checks every key and tensor the graph needs
- * (names, shapes, types) and uploads the weights to the chosen device. Projector types:
- * "mlp" (LLaVA 1.5/1.6, BakLLaVA) and "mlp_norm". Both the layout mmchat's converter
- * writes and the legacy published layout (clip.has_llava_projector, block_count = n - 1
- * without clip.vision.feature_layer, ffn_up/ffn_down swapped) are accepted.
+ * mmv_model_load() reads the file with gguf, picks the family its clip.projector_type names,
+ * checks every key and tensor that family's graph needs (names, shapes, types) and uploads
+ * the weights to the chosen device. Families (native/src/families/, table in family.cpp):
+ *   "mlp", "mlp_norm": CLIP ViT + LLaVA projector (LLaVA 1.5/1.6, BakLLaVA). Both the layout
+ *       mmchat's converter writes and the legacy published layout (clip.has_llava_projector,
+ *       block_count = n - 1 without clip.vision.feature_layer, ffn_up/ffn_down swapped).
  */
 
 typedef struct mmv_model mmv_model;
@@ -105,11 +106,12 @@ typedef struct mmv_model_params {
 #define MMV_FLAG_NO_FLASH_ATTN 2
 
 typedef struct mmv_model_info {
-    char    projector_type[32];  /* "mlp" or "mlp_norm" */
+    char    projector_type[32];  /* "mlp", "mlp_norm", "qformer" */
     char    device[128];         /* the device the weights live on */
     int32_t image_size;          /* square input side in pixels */
     int32_t patch_size;
-    int32_t n_tokens;            /* embeddings per image: (image_size / patch_size)^2 */
+    int32_t n_tokens;            /* embedding rows per image ((image_size / patch_size)^2 for
+                                    LLaVA, the number of queries for a Q-Former) */
     int32_t n_embd;              /* projector output width (= the LLM's n_embd) */
     int32_t n_embd_vision;       /* ViT hidden width */
     int32_t n_layer_file;        /* clip.vision.block_count */
@@ -121,6 +123,9 @@ typedef struct mmv_model_info {
     float   image_std[3];
     float   eps;
     int32_t flash_attn;          /* 1 when the graph uses the fused attention op */
+    int32_t text_input;          /* 1: the rows depend on token ids (use mmv_encode_text) */
+    int32_t n_text_max;          /* most token ids mmv_encode_text takes */
+    int32_t n_text_vocab;        /* token ids must be below this */
 } mmv_model_info;
 
 MMV_API mmv_model_params mmv_model_default_params(void);
@@ -136,9 +141,18 @@ MMV_API mmv_status mmv_model_set_n_threads(mmv_model * model, int32_t n_threads)
  * pixels: n_images x 3 x image_size x image_size floats (CHW, already normalised with the
  *         file's mean/std, exactly what the model's image processor produces);
  * out:    n_images x n_tokens x n_embd floats; out_len is its length in floats.
- * Calls on one model are serialised internally. */
+ * Calls on one model are serialised internally. Fails (MMV_ERR_INVALID_ARGUMENT) for a
+ * model with text input. */
 MMV_API mmv_status mmv_encode(mmv_model * model, const float * pixels, int32_t n_images,
                               float * out, size_t out_len);
+
+/* As mmv_encode for models that read text (info.text_input = 1, e.g. InstructBLIP's
+ * instruction): tokens: n_tokens ids (1 <= n_tokens <= info.n_text_max, each below
+ * info.n_text_vocab), already tokenized with the file's own tokenizer, shared by all
+ * n_images images. */
+MMV_API mmv_status mmv_encode_text(mmv_model * model, const float * pixels, int32_t n_images,
+                                   const int32_t * tokens, int32_t n_tokens, float * out,
+                                   size_t out_len);
 
 #ifdef __cplusplus
 }

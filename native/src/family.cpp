@@ -1,0 +1,26 @@
+// The family table: clip.projector_type -> the family that runs it. Adding a family is one
+// file in families/ and one row here.
+#include "family.h"
+
+namespace mmv {
+namespace {
+
+const FamilyEntry kFamilies[] = {
+    {"mlp", make_clip_family},       // LLaVA 1.5 / 1.6, BakLLaVA
+    {"mlp_norm", make_clip_family},  // LLaVA with normed projector
+};
+
+}  // namespace
+
+std::unique_ptr<Family> make_family(const std::string & projector_type, std::string * known) {
+    for (const FamilyEntry & e : kFamilies) {
+        if (projector_type == e.projector_type) return e.create();
+    }
+    if (known) {
+        known->clear();
+        for (const FamilyEntry & e : kFamilies) *known += (known->empty() ? "" : ", ") + std::string(e.projector_type);
+    }
+    return nullptr;
+}
+
+}  // namespace mmv
