@@ -176,6 +176,13 @@ def test_transformers5_vicuna_converts_without_legacy_spaces() -> None:
     assert tokens[IMAGE_ID + 1] == "<pad>"
 
 
+def prompt_tokenizer(lm: Any, legacy_spaces: bool) -> Any:
+    """The loaded model's prompt tokenizer with another legacy-space rule."""
+    from mmchat.runtime.tokenizing import PromptTokenizer
+
+    return PromptTokenizer(lm.text, lm.template, legacy_spaces)
+
+
 @pytest.mark.parametrize(("pipeline", "flag"), COMBOS)
 def test_runtime_ids_equal_transformers(
     pipeline: str, flag: str, vicuna_model: Any, tmp_path: Path
@@ -185,35 +192,28 @@ def test_runtime_ids_equal_transformers(
     value, _ = legacy_spaces_of(combo_dir(pipeline, flag, tmp_path / "tok"))
     key = f"{pipeline}/{flag}"
     data = ids_by_version(followed_version(pipeline))
-    saved = vicuna_model.legacy_spaces
-    vicuna_model.legacy_spaces = value
-    try:
-        for i, (prompt, want) in enumerate(
-            zip(data["prompts"], data["combos"][key]["ids"], strict=True)
-        ):
-            got = vicuna_model.tokenize_prompt(prompt)
-            metaspace_always = value and (pipeline == "always" or followed_version(pipeline) == 5)
-            if metaspace_always and prompt.startswith("<image> "):
-                # Metaspace "always" does not prefix text that already starts with a space;
-                # SentencePiece and llama.cpp do (one "▁" more): a known difference
-                assert got == [*want[:2], SPIECE_ID, *want[2:]], (key, i)
-                continue
-            assert got == want, (key, i, prompt)
-    finally:
-        vicuna_model.legacy_spaces = saved
+    tok = prompt_tokenizer(vicuna_model, value)
+    for i, (prompt, want) in enumerate(
+        zip(data["prompts"], data["combos"][key]["ids"], strict=True)
+    ):
+        got = tok.tokenize_prompt(prompt)
+        metaspace_always = value and (pipeline == "always" or followed_version(pipeline) == 5)
+        if metaspace_always and prompt.startswith("<image> "):
+            # Metaspace "always" does not prefix text that already starts with a space;
+            # SentencePiece and llama.cpp do (one "▁" more): a known difference
+            assert got == [*want[:2], SPIECE_ID, *want[2:]], (key, i)
+            continue
+        assert got == want, (key, i, prompt)
 
 
 def test_the_old_default_gave_an_extra_spiece_after_the_image(vicuna_model: Any) -> None:
     """What the issue measured: legacy_spaces=True puts "▁" after <image>, transformers not."""
+    assert vicuna_model.legacy_spaces is False
     data = ids_by_version(5)["combos"]["first/absent"]
     prompt = ids_by_version(5)["prompts"][0]
-    saved = vicuna_model.legacy_spaces
-    try:
-        vicuna_model.legacy_spaces = True
-        wrong = vicuna_model.tokenize_prompt(prompt)
-    finally:
-        vicuna_model.legacy_spaces = saved
     want = data["ids"][0]
+    assert vicuna_model.tokenize_prompt(prompt) == want
+    wrong = prompt_tokenizer(vicuna_model, True).tokenize_prompt(prompt)
     pos = want.index(IMAGE_ID) + 1
     assert wrong == [*want[:pos], SPIECE_ID, *want[pos:]]
 
