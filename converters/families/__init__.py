@@ -11,9 +11,10 @@ from .clip import VisionHParams
 from .llava_hf import LlavaHF
 from .llava_next import FAMILIES as LLAVA_NEXT
 from .llava_original import LlavaLlama, LlavaMistral
+from .qformer import FAMILIES as QFORMER
 
 # LLaVA 1.6 first: its original layout shares the LLaVA 1.5 architecture names
-FAMILIES: tuple[type[Family], ...] = (*LLAVA_NEXT, LlavaHF, LlavaLlama, LlavaMistral)
+FAMILIES: tuple[type[Family], ...] = (*LLAVA_NEXT, LlavaHF, LlavaLlama, LlavaMistral, *QFORMER)
 
 
 def supported_architectures() -> list[str]:

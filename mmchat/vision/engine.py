@@ -414,6 +414,20 @@ def open_vision(
     path = Path(mmproj).expanduser()
     info = read_mmproj_header(path)
     proj = projector_type_of(info)
+    if proj == "qformer":  # BLIP-2 / InstructBLIP: only libmmvision has a Q-Former
+        if engine not in (None, "mmvision"):
+            raise UserError("projector type 'qformer' (BLIP-2, InstructBLIP) runs on mmvision only")
+        from mmchat.vision.qformer import QformerEngine
+
+        return QformerEngine(
+            path,
+            text_n_embd=text_n_embd,
+            n_threads=n_threads,
+            device=device,
+            max_batch=max_batch,
+            cache=cache,
+            disk_cache=disk_cache,
+        )
     chosen = engine or ("mmvision" if runs_on_mmvision(info) else "mtmd")
     if chosen == "mmvision":
         if proj not in LLAVA_PROJECTORS:

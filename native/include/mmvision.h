@@ -83,6 +83,8 @@ MMV_API mmv_status mmv_device_get_info(int32_t index, mmv_device_info * out);
  *   "mlp", "mlp_norm": CLIP ViT + LLaVA projector (LLaVA 1.5/1.6, BakLLaVA). Both the layout
  *       mmchat's converter writes and the legacy published layout (clip.has_llava_projector,
  *       block_count = n - 1 without clip.vision.feature_layer, ffn_up/ffn_down swapped).
+ *   "qformer": EVA ViT + Q-Former + language projection (BLIP-2, InstructBLIP), see
+ *       docs/vision-gguf.md. InstructBLIP files read an instruction (info.text_input = 1).
  */
 
 typedef struct mmv_model mmv_model;
