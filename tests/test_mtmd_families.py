@@ -196,7 +196,7 @@ def test_truncated_projector_is_one_clear_error(tmp_path: Path) -> None:
     model, mmproj = files(family)
     cut = tmp_path / "mmproj.gguf"
     cut.write_bytes(mmproj.read_bytes()[: mmproj.stat().st_size // 2])
-    with pytest.raises(UserError, match="truncated|corrupt|cannot"):
+    with pytest.raises(UserError, match=r"truncated|corrupt|cannot"):
         load_model(model, cut, LoadOptions(n_ctx=512, n_threads=1))
 
 
