@@ -201,3 +201,14 @@ def test_create_with_quantize(live: LiveServer) -> None:
         client.create(model="tiny-q4", from_="tiny-q8", quantize="q4_0")
     assert err.value.status_code == 400 and "already quantized" in str(err.value)
     assert leftovers(live.store) == []
+
+
+def test_a_multi_megabyte_upload_is_stored_byte_for_byte(live: LiveServer) -> None:
+    import os
+
+    data = os.urandom(9 * 1024 * 1024 + 17)  # several write pieces, the last one partial
+    digest = sha(data)
+    r = httpx.post(f"{live.url}/api/blobs/{digest}", content=data, timeout=60)
+    assert r.status_code == 201
+    assert live.store.blob_path(digest).read_bytes() == data
+    assert leftovers(live.store) == []

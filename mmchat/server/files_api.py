@@ -47,6 +47,7 @@ DIGEST = re.compile(r"^sha256[:-]([0-9a-fA-F]{64})$")
 MAX_FILES = 8
 MAX_TEXT_FIELD = 1 << 20  # template, system prompt, license: 1 MiB each
 FREE_SPACE_MARGIN = 256 * 1024 * 1024
+WRITE_CHUNK = 4 * 1024 * 1024  # uploads are hashed and written in pieces this big
 
 
 def _digest(raw: str) -> str:
@@ -54,6 +55,11 @@ def _digest(raw: str) -> str:
     if m is None:
         raise ApiError(400, f"invalid digest {raw[:80]!r}: expected sha256:<64 hex digits>")
     return m.group(1).lower()
+
+
+def _sync(fh: Any) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())
 
 
 def _json_line(obj: dict[str, Any]) -> bytes:
@@ -119,19 +125,30 @@ async def blob_upload(digest: str, request: Request) -> Response:
     tmp = store.blobs_dir / f".upload-{os.getpid()}-{uuid.uuid4().hex}"
     h = hashlib.sha256()
     size = 0
+    loop = asyncio.get_running_loop()
     try:
         with tmp.open("wb") as fh:
+
+            def absorb(data: bytes) -> None:  # hashing and writing off the event loop
+                h.update(data)
+                fh.write(data)
+
+            pending: list[bytes] = []
+            buffered = 0
             try:
                 async for chunk in request.stream():
                     size += len(chunk)
                     if size > limit or size > free:
                         raise ApiError(413, f"the blob is larger than the limit of {limit} bytes")
-                    h.update(chunk)
-                    fh.write(chunk)
+                    pending.append(chunk)
+                    buffered += len(chunk)
+                    if buffered >= WRITE_CHUNK:
+                        await loop.run_in_executor(None, absorb, b"".join(pending))
+                        pending, buffered = [], 0
             except ClientDisconnect:
                 return Response(status_code=499)
-            fh.flush()
-            os.fsync(fh.fileno())
+            await loop.run_in_executor(None, absorb, b"".join(pending))
+            await loop.run_in_executor(None, _sync, fh)
         got = h.hexdigest()
         if got != hexd:
             raise ApiError(
@@ -145,7 +162,7 @@ async def blob_upload(digest: str, request: Request) -> Response:
                 if not store.has_blob(hexd):
                     os.replace(tmp, store.blob_path(hexd))
 
-        await asyncio.get_running_loop().run_in_executor(None, adopt)
+        await loop.run_in_executor(None, adopt)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
