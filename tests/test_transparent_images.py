@@ -173,6 +173,43 @@ def test_every_engine_sees_the_composited_image(fixture: str, engine: str) -> No
         tm.close()
 
 
+@pytest.mark.parametrize("fixture", ["llava15_hf", "bakllava_hf", "llava15_orig"])
+def test_llava15_pixels_and_features_match_the_reference(fixture: str) -> None:
+    """LLaVA 1.5 (original LLaVA's pad-to-square preprocessing) on the composite: pixels
+    and image features against transformers' composite + the fixture's reference model, for
+    the transparent set and the fixtures' own rgba.png / palette.png (whose rows in the
+    committed LLaVA 1.5 goldens were made with the alpha dropped)."""
+    pytest.importorskip("llama_cpp")
+    from support.models import converted
+
+    from mmchat.vision import EmbeddingCache, open_vision
+    from mmchat.vision.engine import LlavaEngine
+    from mmchat.vision.synthetic import rel_l2
+
+    g = dict(np.load(TRANSPARENT / "llava15_goldens.npz"))
+    meta = json.loads((TRANSPARENT / "llava15_goldens.json").read_text())["fixtures"][fixture]
+    model, mmproj = converted(fixture)
+    tm = TextModel(model)
+    rows = []
+    try:
+        eng = open_vision(mmproj, text_n_embd=tm.n_embd, device="cpu", cache=EmbeddingCache())
+        assert isinstance(eng, LlavaEngine)
+        try:
+            for it in meta["items"]:
+                img = load_image(FIXTURES / it["file"])
+                np.testing.assert_allclose(eng.pixels(img), g[it["pixels"]], rtol=0, atol=1e-6)
+                err = rel_l2(eng.encode(img).embeddings, g[it["embeds"]])
+                rows.append((it["file"], err))
+        finally:
+            eng.close()
+    finally:
+        tm.close()
+    print(f"\n{fixture} (f32 mmproj): image features rel L2 vs reference")
+    for f, err in rows:
+        print(f"  {f:40s} {err:.2e}")
+    assert all(err <= 1e-3 for _, err in rows), rows
+
+
 @pytest.fixture(scope="module")
 def vicuna_model() -> Any:
     pytest.importorskip("llama_cpp")
