@@ -212,3 +212,24 @@ def test_a_multi_megabyte_upload_is_stored_byte_for_byte(live: LiveServer) -> No
     assert r.status_code == 201
     assert live.store.blob_path(digest).read_bytes() == data
     assert leftovers(live.store) == []
+
+
+def test_stale_upload_temporaries_are_swept_at_start(tmp_path: Path) -> None:
+    import os
+    import time
+
+    store = Store(tmp_path)
+    store.blobs_dir.mkdir(parents=True)
+    old = store.blobs_dir / ".upload-123-dead"
+    fresh = store.blobs_dir / ".upload-456-live"
+    blob = store.blobs_dir / ("sha256-" + "0" * 64)
+    for p in (old, fresh, blob):
+        p.write_bytes(b"partial")
+    day_ago = time.time() - 2 * 86400
+    os.utime(old, (day_ago, day_ago))
+    os.utime(blob, (day_ago, day_ago))
+    srv = start_server(store)
+    try:
+        assert not old.exists() and fresh.exists() and blob.exists()
+    finally:
+        srv.stop()

@@ -101,6 +101,10 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         mgr.start()
         try:
+            files_api.sweep_stale_temporaries(mgr.store)
+        except Exception:  # never keep the server from starting
+            log.exception("cleaning up stale upload files failed")
+        try:
             yield
         finally:
             mgr.close()

@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -48,6 +49,8 @@ MAX_FILES = 8
 MAX_TEXT_FIELD = 1 << 20  # template, system prompt, license: 1 MiB each
 FREE_SPACE_MARGIN = 256 * 1024 * 1024
 WRITE_CHUNK = 4 * 1024 * 1024  # uploads are hashed and written in pieces this big
+TEMP_PREFIXES = (".upload-", ".quantize-")
+STALE_AFTER_S = 24 * 3600  # a temporary file untouched this long belongs to a dead server
 
 
 def _digest(raw: str) -> str:
@@ -55,6 +58,24 @@ def _digest(raw: str) -> str:
     if m is None:
         raise ApiError(400, f"invalid digest {raw[:80]!r}: expected sha256:<64 hex digits>")
     return m.group(1).lower()
+
+
+def sweep_stale_temporaries(store: Any, *, older_than_s: float = STALE_AFTER_S) -> list[str]:
+    """Delete upload/quantize temporaries that a server killed mid-request left in the blob
+    folder (untouched for ``older_than_s``: a live upload keeps writing to its file)."""
+    removed: list[str] = []
+    folder = Path(store.blobs_dir)
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for path in folder.iterdir():
+        if not path.name.startswith(TEMP_PREFIXES):
+            continue
+        with contextlib.suppress(OSError):
+            if now - path.stat().st_mtime >= older_than_s:
+                path.unlink()
+                removed.append(path.name)
+    return removed
 
 
 def _sync(fh: Any) -> None:
