@@ -6,7 +6,10 @@ Public API::
     app = create_app(manager, api_key=None)     # the FastAPI application (ASGI)
 
 Modules: ``app`` (factory, middleware, error handlers), ``ollama_api`` (``/api/*``),
-``openai_api`` (``/v1/*``), ``schemas`` (request/response models: they make
+``openai_api`` (``/v1/*``), ``embed_api`` (``/api/embed``, ``/api/embeddings``,
+``/v1/embeddings``), ``completions_api`` (``/v1/completions``), ``files_api``
+(``/api/copy``, ``/api/blobs``, ``/api/create``; ``requantize`` for its ``quantize``),
+``schemas`` (request/response models: they make
 ``/openapi.json``), ``models`` (the model manager), ``chat`` (one generation request,
 streamed from a worker thread), ``images`` (base64 / data-URI decoding), ``limits``
 (request size, images per request, pixels per image), ``errors`` (JSON error bodies).
