@@ -36,6 +36,7 @@ from starlette.requests import ClientDisconnect
 from mmchat.errors import UserError
 from mmchat.server import schemas as S
 from mmchat.server.errors import ApiError, as_api_error, error_body
+from mmchat.server.limits import MAX_DRAIN_BYTES
 from mmchat.server.state import ServerState, state_of
 
 router = APIRouter(tags=["ollama"])
@@ -133,16 +134,17 @@ async def blob_upload(digest: str, request: Request) -> Response:
     hexd = _digest(digest)
     store = state.manager.store
     if store.has_blob(hexd):
+        await _discard(request.stream())  # clients send the whole body before they read
         return Response(status_code=200)
     limit = state.limits.max_blob_bytes
     store.blobs_dir.mkdir(parents=True, exist_ok=True)
-    declared = request.headers.get("content-length")
     free = shutil.disk_usage(store.blobs_dir).free - FREE_SPACE_MARGIN
-    if declared is not None and declared.isdigit():
-        if int(declared) > limit:
-            raise ApiError(413, f"the blob is larger than the limit of {limit} bytes")
-        if int(declared) > free:
-            raise ApiError(413, "the blob does not fit on the server's disk")
+    too_big = ApiError(413, f"the blob is larger than the limit of {limit} bytes")
+    no_room = ApiError(413, "the blob does not fit on the server's disk")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > min(limit, free):
+        await _discard(request.stream())
+        raise too_big if int(declared) > limit else no_room
     tmp = store.blobs_dir / f".upload-{os.getpid()}-{uuid.uuid4().hex}"
     h = hashlib.sha256()
     size = 0
@@ -156,11 +158,13 @@ async def blob_upload(digest: str, request: Request) -> Response:
 
             pending: list[bytes] = []
             buffered = 0
+            chunks = request.stream()
             try:
-                async for chunk in request.stream():
+                async for chunk in chunks:
                     size += len(chunk)
                     if size > limit or size > free:
-                        raise ApiError(413, f"the blob is larger than the limit of {limit} bytes")
+                        await _discard(chunks)
+                        raise too_big if size > limit else no_room
                     pending.append(chunk)
                     buffered += len(chunk)
                     if buffered >= WRITE_CHUNK:
@@ -188,6 +192,17 @@ async def blob_upload(digest: str, request: Request) -> Response:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return Response(status_code=201)
+
+
+async def _discard(chunks: AsyncIterator[bytes]) -> None:
+    """Read and drop the rest of a body we will not keep (up to ``MAX_DRAIN_BYTES``), so that
+    the client, still sending, gets the answer instead of a broken connection."""
+    drained = 0
+    with contextlib.suppress(ClientDisconnect):
+        async for chunk in chunks:
+            drained += len(chunk)
+            if drained > MAX_DRAIN_BYTES:
+                return
 
 
 # ----------------------------------------------------------------------------- create
