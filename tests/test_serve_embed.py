@@ -207,6 +207,10 @@ def test_a_dedicated_embedding_model_is_pooled_as_its_gguf_says(
     assert rel_l2(got, unit(mean)) > 1e-2  # CLS pooling, not mean
     entry = next(e for e in live.manager.loaded() if e.name == "tinybert:latest")
     assert entry.embedder.pooling == "cls" and entry.embedder.pooling_from_file
+    # trained for 128 positions (llama.cpp pads its context to 256, not its micro-batch): a
+    # longer input is cut to 128 tokens instead of aborting the server
+    long = live.ollama().embed(model="tinybert", input="word " * 60)
+    assert long.prompt_eval_count == 128 and entry.embedder.n_ctx == 128
 
 
 def test_legacy_embeddings_are_not_normalised(live: LiveServer, direct: Any) -> None:

@@ -86,7 +86,9 @@ class EmbeddingContext:
                 "llama.cpp could not create an embedding context" + (f": {why}" if why else "")
             )
         self.ptr: Any = ptr
-        self.n_ctx = int(C.llama_n_ctx(ptr))
+        # llama.cpp may round n_ctx up (to a multiple of 256) but not n_ubatch, and a
+        # sequence longer than n_ubatch aborts the process (GGML_ASSERT): the smaller counts
+        self.n_ctx = min(int(C.llama_n_ctx(ptr)), int(C.llama_n_ubatch(ptr)))
         kind = int(C.llama_pooling_type(ptr))
         self.pooling = next((k for k, v in POOLING_TYPES.items() if v == kind), str(kind))
 
