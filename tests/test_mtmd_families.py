@@ -229,3 +229,24 @@ def test_image_to_an_audio_model_is_refused(models: dict[str, Any], family: str)
 def test_image_over_the_pixel_limit(models: dict[str, Any], family: str) -> None:
     with pytest.raises(UserError, match="pixels"):
         load_image(WIDE, max_pixels=100)
+
+
+@pytest.mark.parametrize("family", VISION)
+def test_tiny_and_extreme_images_work_or_fail_cleanly(
+    models: dict[str, Any], family: str, tmp_path: Path
+) -> None:
+    """A 1×1 image and a 1×300 strip: mtmd resizes them for the family, or refuses with one
+    line; either way the model answers the next message."""
+    from PIL import Image
+
+    lm = model_of(models, family)
+    for size in ((1, 1), (1, 300)):
+        path = tmp_path / f"{size[0]}x{size[1]}.png"
+        Image.new("RGB", size, (200, 30, 30)).save(path)
+        try:
+            ev = lm.evaluate([Message("user", "What is it?", [load_image(path)])])
+            assert np.isfinite(ev.logits).all()
+        except UserError as exc:
+            assert "\n" not in str(exc)
+    ok = lm.evaluate([Message("user", "What is it?", [load_image(SQUARE)])])
+    assert np.isfinite(ok.logits).all()

@@ -178,6 +178,13 @@ class VisionEngine(ABC):
                 firsts = [images[idx[0]] for idx in todo.values()]
                 fresh = self._encode_batch(firsts)
                 self.encode_count += len(firsts)
+                for emb, img in zip(fresh, firsts, strict=True):
+                    if not np.isfinite(emb.embeddings).all():  # never cached
+                        size = f" ({img.width}×{img.height})" if hasattr(img, "width") else ""
+                        raise UserError(
+                            f"the {self.projector_type} encoder produced invalid values (NaN/inf) "
+                            f"for {img.source}{size}; try another size or aspect ratio"
+                        )
                 for emb, idx in zip(fresh, todo.values(), strict=True):
                     entry = self._to_entry(emb)
                     self.cache.put(self._model_key, emb.digest, entry)
