@@ -279,3 +279,18 @@ def test_empty_input_only_loads_the_model(live: LiveServer) -> None:
     r = client.embed(model="tinytext", input=[])
     assert r.embeddings == [] and "tinytext:latest" in live.loaded()
     assert client.embeddings(model="tinytext", prompt="").embedding == []
+
+
+def test_an_embedding_model_does_not_chat(live: LiveServer) -> None:
+    client = live.ollama()
+    assert client.show("tinybert").capabilities == ["embedding"]
+    assert client.show("tinytext").capabilities == ["completion"]
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model="tinybert", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.status_code == 400 and "embedding model" in str(err.value)
+    with pytest.raises(ollama.ResponseError):
+        client.generate(model="tinybert", prompt="hi")
+    r = httpx.post(
+        live.url + "/v1/completions", json={"model": "tinybert", "prompt": "hi", "max_tokens": 2}
+    )
+    assert r.status_code == 400 and "/v1/embeddings" in r.json()["error"]["message"]

@@ -33,6 +33,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from mmchat.server.errors import ApiError
 from mmchat.server.models import UNSET, KeepAlive, Lease, ModelManager
 
 log = logging.getLogger("mmchat.server")
@@ -119,6 +120,12 @@ class Generation:
             self.prepared = prepared
             if self._stop.is_set():
                 return
+            if getattr(prepared.record, "is_embedding", False) and not prepared.load_only:
+                raise ApiError(
+                    400,
+                    f"{prepared.record.name} is an embedding model: it does not generate text "
+                    "(use /api/embed or /v1/embeddings)",
+                )
             if prepared.load_only and prepared.keep_alive_s == 0:
                 # an unload request (``mmchat stop``): never load a model only to unload it
                 self.manager.unload(prepared.record.name)
@@ -250,7 +257,6 @@ async def _wait_disconnect(request: Request) -> None:
 
 def _is_internal(exc: BaseException) -> bool:
     from mmchat.errors import UserError
-    from mmchat.server.errors import ApiError
 
     return not isinstance(exc, UserError | ApiError)
 

@@ -347,7 +347,9 @@ def show(req: S.OllamaModelRequest, request: Request) -> dict[str, Any]:
         "details": _details(record),
         "model_info": model_info,
         "projector_info": projector_info,
-        "capabilities": ["completion", *record.capabilities],
+        "capabilities": (
+            ["embedding"] if record.is_embedding else ["completion", *record.capabilities]
+        ),
         "modified_at": _iso(record.modified),
     }
 

@@ -133,6 +133,7 @@ def summarize_model(info: GGUFInfo) -> dict[str, Any]:
         "embedding_length": info.arch_key("embedding_length"),
         "block_count": info.arch_key("block_count"),
         "chat_template": "tokenizer.chat_template" in info.metadata,
+        "pooling": info.arch_key("pooling_type"),  # set: a dedicated embedding model
     }
 
 

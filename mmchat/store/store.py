@@ -199,6 +199,12 @@ class ModelRecord:
         return caps
 
     @property
+    def is_embedding(self) -> bool:
+        """A dedicated embedding model (its GGUF names a pooling): it embeds, it does not chat."""
+        pooling = self.parts.get("model", {}).get("info", {}).get("pooling")
+        return isinstance(pooling, int) and not isinstance(pooling, bool) and pooling != 0
+
+    @property
     def modified(self) -> float:
         if self.manifest_path is not None:
             with contextlib.suppress(OSError):
