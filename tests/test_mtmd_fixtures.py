@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from support.mtmd_ref import MARKER, Reference, mtmd_reference, rel_l2
 
 ROOT = Path(__file__).resolve().parent / "fixtures" / "mtmd"
@@ -114,7 +113,9 @@ def test_reference_runs_one_image(family: str) -> None:
 
 def test_layouts_of_the_families() -> None:
     """What each family's mtmd layout looks like for the 64x64 and the 128x64 image."""
-    n_img = {f: len([c for c in _reference(f, "square.png").chunks if c.kind == "image"]) for f in VISION}
+    n_img = {
+        f: len([c for c in _reference(f, "square.png").chunks if c.kind == "image"]) for f in VISION
+    }
     assert n_img["gemma3"] == n_img["qwen2vl"] == n_img["qwen25vl"] == n_img["mistral3"] == 1
     assert n_img["smolvlm"] > 1 and n_img["idefics3"] > 1  # overview + tiles
     assert n_img["internvl"] > 1  # tiles + thumbnail
