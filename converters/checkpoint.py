@@ -149,7 +149,7 @@ class _TorchFile:
             import torch
         except ImportError:
             raise UserError(
-                f"{path.name} is a PyTorch .bin checkpoint; reading it needs torch "
+                f"{path.name} is a PyTorch checkpoint; reading it needs torch "
                 "(pip install torch). mmchat loads it only with torch.load(weights_only=True). "
                 "A safetensors version of the checkpoint needs no torch."
             ) from None
@@ -166,8 +166,10 @@ class _TorchFile:
             ) from exc
         if not isinstance(sd, dict):
             raise CorruptFileError(f"{path} does not hold a state dict")
-        if "state_dict" in sd and isinstance(sd["state_dict"], dict):
-            sd = sd["state_dict"]
+        for key in ("state_dict", "model"):  # Lightning / LAVIS and MiniGPT-4 wrappers
+            if key in sd and isinstance(sd[key], dict):
+                sd = sd[key]
+                break
         self._sd = sd
         names = {
             torch.float32: "F32",

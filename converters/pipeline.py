@@ -28,7 +28,7 @@ from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFile
 from mmchat.errors import UserError
 
 from . import quant as Q
-from .families import FamilyPlan, TensorJob, detect_family
+from .families import FamilyPlan, TensorJob, detect_family, detect_folder_family
 from .families.base import read_json
 from .source import resolve_source
 from .tokenizer import Vocab, load_vocab
@@ -312,10 +312,12 @@ def convert(
     vq = Q.parse_vision_quant(vision_quant)
     folder, repo = resolve_source(source)
     cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise UserError(f"{folder} has no config.json; it is not a Hugging Face checkpoint")
-    config = read_json(cfg_path)
-    family = detect_family(config)
+    config: dict[str, Any] = {}
+    if cfg_path.is_file():
+        config = read_json(cfg_path)
+        family = detect_family(config)
+    else:
+        family = detect_folder_family(folder)
     plan = family.plan(folder, config, vision_tower=vision_tower)
     vocab = load_vocab(
         plan.tokenizer_dir,

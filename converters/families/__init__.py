@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from mmchat.errors import UserError
@@ -12,6 +13,7 @@ from .llava_hf import LlavaHF
 from .llava_next import FAMILIES as LLAVA_NEXT
 from .llava_original import LlavaLlama, LlavaMistral
 from .qformer import FAMILIES as QFORMER
+from .qformer_original import FOLDER_FAMILIES
 
 # LLaVA 1.6 first: its original layout shares the LLaVA 1.5 architecture names
 FAMILIES: tuple[type[Family], ...] = (*LLAVA_NEXT, LlavaHF, LlavaLlama, LlavaMistral, *QFORMER)
@@ -19,6 +21,17 @@ FAMILIES: tuple[type[Family], ...] = (*LLAVA_NEXT, LlavaHF, LlavaLlama, LlavaMis
 
 def supported_architectures() -> list[str]:
     return [a for fam in FAMILIES for a in fam.architectures]
+
+
+def detect_folder_family(folder: Path) -> Family:
+    """A family whose original release has no config.json (LAVIS, MiniGPT-4), by its files."""
+    for fam in FOLDER_FAMILIES:
+        if fam.detect_folder(folder):
+            return fam()
+    raise UserError(
+        f"{folder} has no config.json; it is not a Hugging Face checkpoint (nor a LAVIS / "
+        "MiniGPT-4 folder with eva_vit_g.pth)"
+    )
 
 
 def detect_family(config: dict[str, Any]) -> Family:
@@ -41,5 +54,6 @@ __all__ = [
     "VisionHParams",
     "VisionSpec",
     "detect_family",
+    "detect_folder_family",
     "supported_architectures",
 ]

@@ -1,0 +1,361 @@
+"""The original releases of the Q-Former models, as their repositories publish them (no
+``config.json``; every hyper-parameter comes from the tensors' shapes):
+
+* LAVIS InstructBLIP (Vicuna): ``eva_vit_g.pth`` (the EVA ViT-g LAVIS downloads), the model's
+  ``.pth`` (``{"model": {query_tokens, ln_vision.*, Qformer.bert.*, llm_proj.*}}``, e.g.
+  ``instruct_blip_vicuna7b_trimmed.pth``), ``bert-base-uncased/`` (its ``vocab.txt``; LAVIS
+  adds ``[DEC]``) and the Vicuna LLM as a Hugging Face folder;
+* MiniGPT-4 (v1, Vicuna v0): ``eva_vit_g.pth``, ``blip2_pretrained_flant5xxl.pth`` (BLIP-2's
+  ``Qformer``, ``query_tokens``, ``ln_vision``), ``pretrained_minigpt4.pth`` or the 7B's
+  ``prerained_minigpt4_7b.pth`` (``llama_proj``) and the Vicuna folder.
+
+All in one folder under their published names; the LLM is the sub-folder holding a Llama
+``config.json``. ``.pth`` files are read only with ``torch.load(weights_only=True)``. The
+names are mapped onto transformers' (the inverse of its ``convert_*_original_to_pytorch.py``)
+and the Hugging Face plan does the rest. Differences from the transformers port kept here:
+``ln_vision`` is LAVIS' LayerNorm with eps 1e-5; head sizes are EVA's 88 and BERT's 64.
+LAVIS' ``t5_proj`` / ``opt_proj`` checkpoints are refused (Flan-T5 not yet, OPT never).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+
+from mmchat.errors import CorruptFileError, UserError
+from mmchat.vision.wordpiece import read_wordpiece_folder
+
+from ..checkpoint import Checkpoint, TensorRef, _TorchFile, open_checkpoint
+from .base import FamilyPlan, read_json, require
+from .llama_text import llama_text_plan
+from .qformer import INSTRUCTBLIP_TEMPLATE, qformer_plan
+
+EVA_FILE = "eva_vit_g.pth"
+EVA_HEAD_DIM = 88
+BERT_HEAD_DIM = 64
+LAVIS_LN_VISION_EPS = 1e-5
+MINIGPT4_PROJ = ("pretrained_minigpt4.pth", "prerained_minigpt4_7b.pth")
+MINIGPT4_QFORMER = "blip2_pretrained_flant5xxl.pth"
+
+MINIGPT4_SYSTEM = (
+    "Give the following image: <Img>ImageContent</Img>. You will be able to see the image "
+    "once I provide it to you. Please answer my questions."
+)
+# MiniGPT-4 v1 (Vicuna v0, CONV_VISION): "{system}###Human: <Img><image></Img> {q}###Assistant:"
+MINIGPT4_TEMPLATE = (
+    "{%- set ns = namespace(system='" + MINIGPT4_SYSTEM + "') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- if message['content'] is string -%}{%- set ns.system = message['content'] -%}"
+    "{%- else -%}{%- set ns.system = message['content'] | selectattr('type', 'equalto', "
+    "'text') | map(attribute='text') | join(' ') -%}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{{- bos_token + ns.system + '###' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set text = message['content'] -%}{%- set n_images = 0 -%}"
+    "{%- else -%}"
+    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') "
+    "| map(attribute='text') | join(' ') -%}"
+    "{%- set n_images = message['content'] | selectattr('type', 'equalto', 'image') "
+    "| list | length -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- 'Human: ' + ('<Img><image></Img> ' * n_images) + text + '###' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- 'Assistant: ' + text + '###' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}"
+)
+
+
+def _renamed(refs: dict[str, TensorRef], rename: dict[str, str]) -> dict[str, TensorRef]:
+    return {rename.get(k, k): r for k, r in refs.items()}
+
+
+def _eva_names(name: str) -> str | None:
+    """An EVA ViT (timm/LAVIS) name -> transformers' ``vision_model.*`` name."""
+    fixed = {
+        "cls_token": "embeddings.class_embedding",
+        "pos_embed": "embeddings.position_embedding",
+        "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+        "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+    }
+    if name in fixed:
+        return "vision_model." + fixed[name]
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    if not m:
+        return None
+    rest = {
+        "norm1.weight": "layer_norm1.weight",
+        "norm1.bias": "layer_norm1.bias",
+        "norm2.weight": "layer_norm2.weight",
+        "norm2.bias": "layer_norm2.bias",
+        "attn.qkv.weight": "self_attn.qkv.weight",
+        "attn.q_bias": "self_attn.q_bias",
+        "attn.v_bias": "self_attn.v_bias",
+        "attn.proj.weight": "self_attn.projection.weight",
+        "attn.proj.bias": "self_attn.projection.bias",
+        "mlp.fc1.weight": "mlp.fc1.weight",
+        "mlp.fc1.bias": "mlp.fc1.bias",
+        "mlp.fc2.weight": "mlp.fc2.weight",
+        "mlp.fc2.bias": "mlp.fc2.bias",
+    }.get(m.group(2))
+    return None if rest is None else f"vision_model.encoder.layers.{m.group(1)}.{rest}"
+
+
+def _lavis_names(name: str, *, queries_only: bool) -> str | None:
+    """A LAVIS Q-Former/connector name -> transformers' name (None: not needed)."""
+    if name == "query_tokens":
+        return name
+    if name.startswith("ln_vision."):
+        return "vision_model.post_layernorm." + name.split(".", 1)[1]
+    for proj in ("llm_proj.", "llama_proj."):
+        if name.startswith(proj):
+            return "language_projection." + name[len(proj) :]
+    if name.startswith("visual_encoder."):
+        return _eva_names(name[len("visual_encoder.") :])
+    if not name.startswith("Qformer.bert."):
+        return None
+    rest = name[len("Qformer.bert.") :]
+    if rest.startswith("embeddings.LayerNorm."):
+        kind = rest.rsplit(".", 1)[1]
+        return (
+            f"qformer.layernorm.{kind}" if queries_only else f"qformer.embeddings.layernorm.{kind}"
+        )
+    if rest.startswith("embeddings."):
+        return None if queries_only else "qformer." + rest
+    if not rest.startswith("encoder.layer."):
+        return None
+    rest = rest.replace(".attention.self.", ".attention.attention.")
+    rest = rest.replace(".crossattention.self.", ".crossattention.attention.")
+    if queries_only and re.match(r"encoder\.layer\.\d+\.(intermediate|output)\.", rest):
+        return None  # the text FFN: unused without text input
+    return "qformer." + rest
+
+
+def _torch_refs(path: Path) -> dict[str, TensorRef]:
+    if not path.is_file():
+        raise UserError(f"{path.parent} has no {path.name}")
+    return _TorchFile(path).refs
+
+
+def _llm_folder(folder: Path) -> Path:
+    found = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        cfg = sub / "config.json"
+        if cfg.is_file() and read_json(cfg).get("model_type") in ("llama", "mistral"):
+            found.append(sub)
+    if len(found) != 1:
+        what = "none" if not found else ", ".join(p.name for p in found)
+        raise UserError(
+            f"{folder} must hold exactly one language model folder (a Hugging Face Llama/Vicuna "
+            f"folder with config.json); found {what}"
+        )
+    return found[0]
+
+
+def _shape_config(ckpt: Checkpoint) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Vision and Q-Former configs from the tensors (LAVIS ships no config)."""
+    cls = require(ckpt, "vision_model.embeddings.class_embedding", "EVA class token")
+    width = int(cls.shape[-1])
+    pe = require(ckpt, "vision_model.embeddings.patch_embedding.weight", "EVA patch embedding")
+    pos = require(ckpt, "vision_model.embeddings.position_embedding", "EVA positions")
+    patch = int(pe.shape[-1])
+    grid = math.isqrt(int(pos.shape[-2]) - 1)
+    if grid * grid + 1 != int(pos.shape[-2]) or width % EVA_HEAD_DIM:
+        raise CorruptFileError(
+            f"the EVA ViT has {pos.shape[-2]} positions and width {width}: not an EVA ViT-g"
+        )
+    fc1 = require(ckpt, "vision_model.encoder.layers.0.mlp.fc1.weight", "EVA MLP")
+    layers = {
+        int(m.group(1))
+        for n in ckpt.names()
+        if (m := re.match(r"vision_model\.encoder\.layers\.(\d+)\.", n))
+    }
+    vcfg = {
+        "hidden_size": width,
+        "intermediate_size": int(fc1.shape[0]),
+        "num_hidden_layers": len(layers),
+        "num_attention_heads": width // EVA_HEAD_DIM,
+        "image_size": grid * patch,
+        "patch_size": patch,
+        "layer_norm_eps": 1e-6,
+        "hidden_act": "gelu",
+    }
+    qt = require(ckpt, "query_tokens", "learned queries")
+    d = int(qt.shape[-1])
+    ffn = require(ckpt, "qformer.encoder.layer.0.intermediate_query.dense.weight", "Q-Former FFN")
+    n_layer = len(_indices(ckpt, r"qformer\.encoder\.layer\.(\d+)\."))
+    cross = sorted(_indices(ckpt, r"qformer\.encoder\.layer\.(\d+)\.crossattention\."))
+    if not cross or cross[0] != 0 or d % BERT_HEAD_DIM:
+        raise CorruptFileError("the Q-Former's cross-attention layers or width are not BLIP-2's")
+    freq = cross[1] if len(cross) > 1 else n_layer
+    if cross != list(range(0, n_layer, freq)):
+        raise CorruptFileError(f"Q-Former cross-attention in layers {cross}: not every n-th layer")
+    key = require(ckpt, "qformer.encoder.layer.0.crossattention.attention.key.weight", "cross key")
+    qcfg = {
+        "hidden_size": d,
+        "intermediate_size": int(ffn.shape[0]),
+        "num_attention_heads": d // BERT_HEAD_DIM,
+        "cross_attention_frequency": freq,
+        "encoder_hidden_size": int(key.shape[1]),
+        "layer_norm_eps": 1e-12,
+        "hidden_act": "gelu",
+    }
+    return vcfg, qcfg
+
+
+def _indices(ckpt: Checkpoint, pattern: str) -> set[int]:
+    rx = re.compile(pattern)
+    return {int(m.group(1)) for n in ckpt.names() if (m := rx.match(n))}
+
+
+class _Original:
+    name: ClassVar[str]
+    architectures: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def detect(cls, config: dict[str, Any]) -> bool:
+        return False  # these folders have no config.json: see detect_folder
+
+    @classmethod
+    def detect_folder(cls, folder: Path) -> bool:
+        raise NotImplementedError
+
+    def _model_refs(self, folder: Path) -> tuple[dict[str, TensorRef], Path | None, bool]:
+        """(original-name refs of everything but EVA, the bert folder, text input)."""
+        raise NotImplementedError
+
+    def plan(
+        self, folder: Path, config: dict[str, Any], *, vision_tower: Path | None
+    ) -> FamilyPlan:
+        if vision_tower is not None:
+            raise UserError(f"--vision-tower does not apply to {self.name}")
+        refs, bert, text_input = self._model_refs(folder)
+        queries_only = not text_input
+        view: dict[str, TensorRef] = {}
+        for name, ref in refs.items():
+            new = _lavis_names(name, queries_only=queries_only)
+            if new is not None:
+                view[new] = ref
+        if not any(k.startswith("vision_model.encoder.") for k in view):
+            for name, ref in _torch_refs(folder / EVA_FILE).items():
+                new = _eva_names(name)
+                if new is not None:
+                    view[new] = ref
+        ckpt = Checkpoint(view, [])
+        vcfg, qcfg = _shape_config(ckpt)
+        llm = _llm_folder(folder)
+        tcfg = read_json(llm / "config.json")
+        text = llama_text_plan(
+            open_checkpoint(llm),
+            tcfg,
+            layer_prefix="model.layers.",
+            embed="model.embed_tokens.weight",
+            norm="model.norm.weight",
+            lm_head="lm_head.weight",
+            mistral=tcfg.get("model_type") == "mistral",
+        )
+        tokenizer = None
+        if text_input:
+            if bert is None or not (bert / "vocab.txt").is_file():
+                raise UserError(
+                    f"{folder} has no bert-base-uncased/vocab.txt: InstructBLIP's Q-Former reads "
+                    "the instruction with bert-base-uncased's WordPiece vocabulary"
+                )
+            tokenizer = read_wordpiece_folder(bert)
+            if "[DEC]" not in tokenizer.tokens:  # LAVIS' init_tokenizer adds it
+                tokenizer.tokens.append("[DEC]")
+        plan = qformer_plan(
+            ckpt,
+            vcfg=vcfg,
+            qcfg=qcfg,
+            text=text,
+            tokenizer=tokenizer,
+            family=self.name,
+            architecture=self.architectures[0],
+            template=self.template(),
+            folders=[folder, llm],
+            tokenizer_dir=llm,
+            config_ids={
+                "bos_token_id": tcfg.get("bos_token_id"),
+                "eos_token_id": tcfg.get("eos_token_id"),
+                "pad_token_id": tcfg.get("pad_token_id"),
+            },
+            ln_vision_eps=LAVIS_LN_VISION_EPS,
+            vision_source=EVA_FILE,
+        )
+        # LAVIS' eval processor: bicubic resize to the square size, /255, CLIP mean/std
+        plan.notes = [n for n in plan.notes if "image processor config" not in n]
+        return plan
+
+    def template(self) -> str:
+        raise NotImplementedError
+
+
+def _lavis_model_file(folder: Path) -> Path | None:
+    for path in sorted(folder.glob("*.pth")):
+        if path.name == EVA_FILE or path.name in MINIGPT4_PROJ or path.name == MINIGPT4_QFORMER:
+            continue
+        return path
+    return None
+
+
+class LavisInstructBlip(_Original):
+    name: ClassVar[str] = "instructblip-lavis"
+    architectures: ClassVar[tuple[str, ...]] = ("Blip2VicunaInstruct",)
+
+    @classmethod
+    def detect_folder(cls, folder: Path) -> bool:
+        return (folder / EVA_FILE).is_file() and _lavis_model_file(folder) is not None
+
+    def _model_refs(self, folder: Path) -> tuple[dict[str, TensorRef], Path | None, bool]:
+        path = _lavis_model_file(folder)
+        assert path is not None
+        refs = _torch_refs(path)
+        if any(k.startswith("opt_proj.") for k in refs):
+            raise UserError(
+                "BLIP-2 with an OPT language model cannot run on llama.cpp (it has no OPT "
+                "architecture); run it with vLLM or transformers instead"
+            )
+        if any(k.startswith("t5_proj.") for k in refs):
+            raise UserError(
+                "LAVIS models with a Flan-T5 language model are not supported yet (only "
+                "Vicuna ones are)"
+            )
+        if "llm_proj.weight" not in refs:
+            raise UserError(
+                f"{path.name} is not a LAVIS InstructBLIP-Vicuna checkpoint (no llm_proj)"
+            )
+        return refs, folder / "bert-base-uncased", True
+
+    def template(self) -> str:
+        return INSTRUCTBLIP_TEMPLATE
+
+
+class MiniGpt4(_Original):
+    name: ClassVar[str] = "minigpt4"
+    architectures: ClassVar[tuple[str, ...]] = ("MiniGPT4",)
+
+    @classmethod
+    def detect_folder(cls, folder: Path) -> bool:
+        return any((folder / n).is_file() for n in MINIGPT4_PROJ)
+
+    def _model_refs(self, folder: Path) -> tuple[dict[str, TensorRef], Path | None, bool]:
+        proj = next(folder / n for n in MINIGPT4_PROJ if (folder / n).is_file())
+        refs = dict(_torch_refs(folder / MINIGPT4_QFORMER))
+        extra = _torch_refs(proj)
+        if "llama_proj.weight" not in extra:
+            raise UserError(f"{proj.name} has no llama_proj: it is not a MiniGPT-4 checkpoint")
+        refs.update({k: v for k, v in extra.items() if k.startswith("llama_proj.")})
+        return refs, None, False
+
+    def template(self) -> str:
+        return MINIGPT4_TEMPLATE
+
+
+FOLDER_FAMILIES = (MiniGpt4, LavisInstructBlip)
