@@ -166,3 +166,28 @@ def test_reference_rejects_a_marker_mismatch() -> None:
     model, mmproj = _files("gemma3")
     with pytest.raises(ValueError, match="marker"):
         mtmd_reference(model, mmproj, "no marker here", [ROOT / "images" / "square.png"])
+
+
+def test_reference_two_images_from_files_and_bytes() -> None:
+    """Two media in one prompt, one given as a path and one as the file's bytes: the same
+    layout and logits as two paths."""
+    pytest.importorskip("llama_cpp")
+    model, mmproj = _files("qwen2vl")
+    prompt = MANIFEST["families"]["qwen2vl"]["golden"]["prompt"].replace(MARKER, MARKER * 2)
+    square, wide = ROOT / "images" / "square.png", ROOT / "images" / "wide.png"
+    a = mtmd_reference(model, mmproj, prompt, [square, wide])
+    b = mtmd_reference(model, mmproj, prompt, [square, wide.read_bytes()])
+    assert a.layout() == b.layout()
+    assert [c.kind for c in a.chunks].count("image") == 2
+    assert rel_l2(a.logits, b.logits) == 0.0
+    # M-RoPE: positions advance by each image's n_pos, not by its token count
+    assert a.n_past == sum(c.n_pos for c in a.chunks) < sum(c.n_tokens for c in a.chunks)
+
+
+def test_reference_reports_unreadable_media(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    model, mmproj = _files("gemma3")
+    bad = tmp_path / "not-an-image.png"
+    bad.write_bytes(b"this is text, not a picture")
+    with pytest.raises(RuntimeError, match="could not read the media"):
+        mtmd_reference(model, mmproj, "look: " + MARKER, [bad])
