@@ -19,6 +19,7 @@ everything allocated is freed before the function returns (also on errors).
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ def mtmd_reference(
     model: Path,
     mmproj: Path,
     prompt: str,
-    media: list[Path] | list[bytes] | list[Path | bytes],
+    media: Sequence[Path | bytes],
     *,
     n_ctx: int = 4096,
     n_batch: int = 512,
