@@ -49,6 +49,9 @@ def test_ps_lists_loaded_models_and_stop_unloads(env: LiveServer) -> None:
     again = runner.invoke(app, ["stop", "tinytext"])
     assert again.exit_code == 0 and "is not running" in again.output
     assert "tinytext:latest" not in env.loaded()  # stop never loads a model
+    missing = runner.invoke(app, ["stop", "nosuchmodel"])
+    assert isinstance(missing.exception, UserError)
+    assert "couldn't find model 'nosuchmodel' to stop" in str(missing.exception)
 
 
 def test_errors_name_the_problem(env: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:

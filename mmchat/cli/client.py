@@ -143,6 +143,10 @@ def stop(
     full = parse_name(name).full
     loaded = {m.get("name") for m in (call("GET", "/api/ps") or {}).get("models", [])}
     if full not in loaded:
+        try:
+            call("POST", "/api/show", {"model": name})
+        except NotFoundError:
+            raise UserError(f"couldn't find model {name!r} to stop") from None
         out.print(f"{full} is not running", markup=False, highlight=False)
         return
     try:
