@@ -250,3 +250,22 @@ def test_tiny_and_extreme_images_work_or_fail_cleanly(
             assert "\n" not in str(exc)
     ok = lm.evaluate([Message("user", "What is it?", [load_image(SQUARE)])])
     assert np.isfinite(ok.logits).all()
+
+
+def test_pixtral_break_rows_left_nan_by_llama_cpp_are_repaired() -> None:
+    """mtmd's Pixtral graph computes [IMG_BREAK] rows as 0 * (uninitialised memory) +
+    img_break, which is NaN when that memory holds one; mmchat puts img_break back."""
+    from mmchat.vision.mtmd import repair_image_breaks
+
+    rng = np.random.default_rng(0)
+    brk = rng.normal(size=8).astype(np.float32)
+    rows = rng.normal(size=(19, 8)).astype(np.float32)  # 4 rows of 4 patches + 3 breaks
+    breaks = [4, 9, 14]
+    rows[breaks] = brk
+    good = rows.copy()
+    rows[9] = np.nan
+    assert np.array_equal(repair_image_breaks(rows, brk), good)
+    elsewhere = good.copy()
+    elsewhere[3] = np.nan  # a patch row: not ours to guess
+    assert np.isnan(repair_image_breaks(elsewhere, brk)[3]).all()
+    assert repair_image_breaks(good, brk) is good

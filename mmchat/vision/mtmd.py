@@ -67,6 +67,35 @@ def _last_error() -> str:
     return _recent[-1] if _recent else ""
 
 
+def repair_image_breaks(rows: np.ndarray, brk: np.ndarray) -> np.ndarray:
+    """Pixtral's ``[IMG_BREAK]`` rows, recomputed where llama.cpp's graph left them NaN.
+
+    mtmd's Pixtral graph builds the break rows as ``0 * (uninitialised tensor) +
+    img_break``; when the uninitialised memory holds a NaN or an infinity, the row is NaN
+    (it depends on what the allocator hands out, so it comes and goes). The right value of
+    every break row is ``img_break`` itself. The rows are laid out ``p_y`` image rows of
+    ``p_x`` patches, each but the last followed by a break; the layout is the one whose
+    break positions cover every non-finite row while its finite break rows already equal
+    ``img_break``. Rows are returned unchanged when no such layout exists.
+    """
+    bad = ~np.isfinite(rows).all(axis=1)
+    if not bad.any():
+        return rows
+    n = rows.shape[0]
+    for p_y in range(2, n + 2):
+        if (n + 1) % p_y:
+            continue
+        period = (n + 1) // p_y  # p_x + 1
+        breaks = np.arange(period - 1, n, period)
+        if not bad[np.setdiff1d(np.arange(n), breaks)].any() and all(
+            bad[i] or np.array_equal(rows[i], brk) for i in breaks
+        ):
+            fixed = rows.copy()
+            fixed[breaks] = brk
+            return fixed
+    return rows
+
+
 class MtmdEngine(VisionEngine):
     """Any mmproj llama.cpp's mtmd supports (vision and/or audio); embeddings via
     ``mtmd_encode_chunk``, one call per image/audio chunk."""
@@ -125,6 +154,7 @@ class MtmdEngine(VisionEngine):
         self.image_size = 0  # mtmd picks the size per image
         self.use_mrope = bool(mtmd.mtmd_decode_use_mrope(self._ctx))
         self._layouts: dict[str, Layout] = {}
+        self._img_break = _img_break(mmproj) if projector_type == "pixtral" else None
 
     # one input -> its chunks -------------------------------------------------------------
     def _bitmap(self, media: Media) -> Any:
@@ -259,7 +289,10 @@ class MtmdEngine(VisionEngine):
                     raise UserError(f"mtmd returned no embeddings for {media.source}")
                 n_tok = span.n_tokens
                 flat = np.ctypeslib.as_array(out, shape=(n_tok * self.n_embd,))
-                blocks.append(np.array(flat, dtype=np.float32).reshape(n_tok, self.n_embd))
+                block = np.array(flat, dtype=np.float32).reshape(n_tok, self.n_embd)
+                if self._img_break is not None and self._img_break.shape[0] == self.n_embd:
+                    block = repair_image_breaks(block, self._img_break)
+                blocks.append(block)
                 if self.use_mrope:
                     rel.append(self._rel_pos(chunk, n_tok))
                     s = self._pos_shift(chunk)
@@ -287,3 +320,18 @@ class MtmdEngine(VisionEngine):
         if self._ctx:
             self._mtmd.mtmd_free(self._ctx)
             self._ctx = None
+
+
+def _img_break(mmproj: Path) -> np.ndarray | None:
+    """Pixtral's ``v.token_embd.img_break`` row (float32), when the file has one."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(str(mmproj))
+    except Exception:
+        return None
+    for t in reader.tensors:
+        if t.name == "v.token_embd.img_break":
+            return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(-1)
+    return None
