@@ -30,6 +30,7 @@ from ..checkpoint import Checkpoint, TensorRef, open_checkpoint
 from .base import (
     FamilyPlan,
     TensorJob,
+    TextHParams,
     count_layers,
     expect_shape,
     image_norm_from,
@@ -394,24 +395,6 @@ class _QformerFamily:
             lm_head="language_model.lm_head.weight",
             mistral=text_type == "mistral",
         )
-        notes: list[str] = []
-        vhp, vis_jobs = eva_vision_jobs(ckpt, dict(config.get("vision_config") or {}))
-        qhp, q_jobs = qformer_jobs(
-            ckpt,
-            dict(config.get("qformer_config") or {}),
-            text_input=self.text_input,
-            vision_width=vhp["n_embd"],
-        )
-        proj = require(ckpt, "language_projection.weight", "language projection")
-        if len(proj.shape) != 2 or proj.shape[1] != qhp["qf_n_embd"]:
-            raise CorruptFileError(f"language_projection.weight has shape {list(proj.shape)}")
-        if proj.shape[0] != text_hp.n_embd:
-            raise UserError(
-                f"The language projection outputs width {proj.shape[0]} but the language "
-                f"model's hidden size is {text_hp.n_embd}; they do not belong together"
-            )
-        q_jobs.append(job("mm.proj.weight", proj))
-        q_jobs.append(job("mm.proj.bias", require(ckpt, "language_projection.bias", "bias")))
         tokenizer = None
         if self.text_input:
             qdir = folder / "qformer_tokenizer"
@@ -421,43 +404,94 @@ class _QformerFamily:
                     "the instruction with its own (bert-base-uncased) tokenizer"
                 )
             tokenizer = read_wordpiece_folder(qdir)
-            n_rows = int(ckpt["qformer.embeddings.word_embeddings.weight"].shape[0])
-            if len(tokenizer.tokens) > n_rows:
-                raise UserError(
-                    f"The Q-Former tokenizer has {len(tokenizer.tokens)} tokens but the "
-                    f"Q-Former's embedding table only {n_rows} rows"
-                )
-        mean, std = image_norm_from([folder], notes)
-        vision = QformerVision(
-            ln_vision_eps=vhp["eps"],
-            image_mean=mean,
-            image_std=std,
-            projection_dim=text_hp.n_embd,
-            family=self.name,
+        return qformer_plan(
+            ckpt,
+            vcfg=dict(config.get("vision_config") or {}),
+            qcfg=dict(config.get("qformer_config") or {}),
+            text=(text_hp, text_jobs),
             tokenizer=tokenizer,
-            **vhp,
-            **qhp,
-        )
-        return FamilyPlan(
             family=self.name,
             architecture=self.architectures[0],
-            text=text_hp,
-            text_tensors=text_jobs,
-            vision=vision,
-            vision_tensors=vis_jobs + q_jobs,
+            template=self.template,
+            folders=[folder],
             tokenizer_dir=folder,
-            default_template=self.template,
             config_ids={
                 "bos_token_id": tcfg.get("bos_token_id"),
                 "eos_token_id": tcfg.get("eos_token_id"),
                 "pad_token_id": tcfg.get("pad_token_id", config.get("pad_token_id")),
             },
-            notes=notes,
-            vision_source="checkpoint",
-            # the text after the rows is tokenized on its own: BOS, then "▁Question"
-            legacy_spaces=True,
-            add_bos=False,
         )
+
+
+def qformer_plan(
+    ckpt: Checkpoint,
+    *,
+    vcfg: dict[str, Any],
+    qcfg: dict[str, Any],
+    text: tuple[TextHParams, list[TensorJob]],
+    tokenizer: WordPiece | None,
+    family: str,
+    architecture: str,
+    template: str,
+    folders: list[Path],
+    tokenizer_dir: Path,
+    config_ids: dict[str, int | None],
+    ln_vision_eps: float | None = None,
+    vision_source: str = "checkpoint",
+) -> FamilyPlan:
+    """Both files' plan from a checkpoint in transformers' names (``vision_model.*``,
+    ``query_tokens``, ``qformer.*``, ``language_projection.*``): the Hugging Face layout
+    directly, the LAVIS / MiniGPT-4 layouts through a renamed view."""
+    text_hp, text_jobs = text
+    notes: list[str] = []
+    vhp, vis_jobs = eva_vision_jobs(ckpt, vcfg)
+    qhp, q_jobs = qformer_jobs(
+        ckpt, qcfg, text_input=tokenizer is not None, vision_width=vhp["n_embd"]
+    )
+    proj = require(ckpt, "language_projection.weight", "language projection")
+    if len(proj.shape) != 2 or proj.shape[1] != qhp["qf_n_embd"]:
+        raise CorruptFileError(f"language_projection.weight has shape {list(proj.shape)}")
+    if proj.shape[0] != text_hp.n_embd:
+        raise UserError(
+            f"The language projection outputs width {proj.shape[0]} but the language "
+            f"model's hidden size is {text_hp.n_embd}; they do not belong together"
+        )
+    q_jobs.append(job("mm.proj.weight", proj))
+    q_jobs.append(job("mm.proj.bias", require(ckpt, "language_projection.bias", "bias")))
+    if tokenizer is not None:
+        n_rows = int(ckpt["qformer.embeddings.word_embeddings.weight"].shape[0])
+        if len(tokenizer.tokens) > n_rows:
+            raise UserError(
+                f"The Q-Former tokenizer has {len(tokenizer.tokens)} tokens but the "
+                f"Q-Former's embedding table only {n_rows} rows"
+            )
+    mean, std = image_norm_from(folders, notes)
+    vision = QformerVision(
+        ln_vision_eps=vhp["eps"] if ln_vision_eps is None else ln_vision_eps,
+        image_mean=mean,
+        image_std=std,
+        projection_dim=text_hp.n_embd,
+        family=family,
+        tokenizer=tokenizer,
+        **vhp,
+        **qhp,
+    )
+    return FamilyPlan(
+        family=family,
+        architecture=architecture,
+        text=text_hp,
+        text_tensors=text_jobs,
+        vision=vision,
+        vision_tensors=vis_jobs + q_jobs,
+        tokenizer_dir=tokenizer_dir,
+        default_template=template,
+        config_ids=config_ids,
+        notes=notes,
+        vision_source=vision_source,
+        # the text after the rows is tokenized on its own: BOS, then "▁Question"
+        legacy_spaces=True,
+        add_bos=False,
+    )
 
 
 class Blip2(_QformerFamily):
