@@ -9,6 +9,7 @@ from mmchat.errors import UserError
 
 from .base import Family, FamilyPlan, TensorJob, TextHParams, VisionSpec
 from .clip import VisionHParams
+from .idefics import FAMILIES as IDEFICS
 from .llava_hf import LlavaHF
 from .llava_next import FAMILIES as LLAVA_NEXT
 from .llava_original import LlavaLlama, LlavaMistral
@@ -16,7 +17,14 @@ from .qformer import FAMILIES as QFORMER
 from .qformer_original import FOLDER_FAMILIES
 
 # LLaVA 1.6 first: its original layout shares the LLaVA 1.5 architecture names
-FAMILIES: tuple[type[Family], ...] = (*LLAVA_NEXT, LlavaHF, LlavaLlama, LlavaMistral, *QFORMER)
+FAMILIES: tuple[type[Family], ...] = (
+    *LLAVA_NEXT,
+    LlavaHF,
+    LlavaLlama,
+    LlavaMistral,
+    *QFORMER,
+    *IDEFICS,
+)
 
 
 def supported_architectures() -> list[str]:
