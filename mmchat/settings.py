@@ -36,6 +36,9 @@ class Settings:
     """``MMCHAT_KEEP_ALIVE``: seconds a served model stays loaded when idle."""
     debug: bool
     """``MMCHAT_DEBUG``: show tracebacks for user errors."""
+    num_parallel: int | None = None
+    """``MMCHAT_NUM_PARALLEL``: replies a served model produces at once (unset: chosen per
+    model from its size, the context and the free memory)."""
     max_audio_bytes: int = 64 * 1024 * 1024
     """``MMCHAT_MAX_AUDIO_BYTES``: the largest audio file accepted (default 64 MiB)."""
     cpu_extra_buffers: str = "auto"
@@ -118,5 +121,6 @@ def load_settings() -> Settings:
         keep_alive_s=_float("MMCHAT_KEEP_ALIVE", DEFAULT_KEEP_ALIVE_S),
         debug=env.get("MMCHAT_DEBUG", "") not in ("", "0", "false", "no"),
         max_audio_bytes=_int("MMCHAT_MAX_AUDIO_BYTES", 64 * 1024 * 1024),
+        num_parallel=_int("MMCHAT_NUM_PARALLEL", 0) or None,
         cpu_extra_buffers=_choice("MMCHAT_CPU_EXTRA_BUFFERS", ("auto", "on", "off"), "auto"),
     )

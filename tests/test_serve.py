@@ -56,10 +56,20 @@ class LiveServer:
         return [e.name for e in self.manager.loaded()]
 
 
-def start_server(store: Store, *, api_key: str | None = None, **limits: Any) -> LiveServer:
+def start_server(
+    store: Store,
+    *,
+    api_key: str | None = None,
+    parallel: int | None = 1,
+    load_options: LoadOptions | None = None,
+    **limits: Any,
+) -> LiveServer:
     """A real server in a thread, on a free loopback port, serving ``store``."""
     manager = ModelManager(
-        store=store, load_options=LoadOptions(n_ctx=1024, n_threads=1), keep_alive_s=300
+        store=store,
+        load_options=load_options or LoadOptions(n_ctx=1024, n_threads=1),
+        keep_alive_s=300,
+        parallel=parallel,
     )
     app = create_app(manager, api_key=api_key, limits=Limits(**limits))
     # proto IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on such sockets, and without

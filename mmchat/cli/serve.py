@@ -101,6 +101,16 @@ def serve(
     ),
     max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body (MiB)."),
     max_images: int = typer.Option(16, "--max-images", help="Most images in one request."),
+    parallel: int = typer.Option(
+        None,
+        "--parallel",
+        min=1,
+        help="Replies each model produces at once (continuous batching). Default: "
+        "MMCHAT_NUM_PARALLEL, else up to 4 by the model's size, the context and free memory.",
+    ),
+    max_queue: int = typer.Option(
+        64, "--max-queue", min=0, help="Requests waiting per model before 503 (with --parallel)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request."),
 ) -> None:
     """Serve the models over HTTP: Ollama's API (/api/...) and OpenAI's (/v1/...)."""
@@ -124,7 +134,8 @@ def serve(
         keep = parse_keep_alive(keep_alive, settings.keep_alive_s)
     except ApiError as exc:
         raise UserError(f"--keep-alive: {exc.message}") from None
-    options = LoadOptions(n_ctx=ctx, n_threads=threads)
+    options = LoadOptions(n_ctx=ctx, n_threads=threads, max_queue=max_queue)
+    n_parallel = parallel or settings.num_parallel  # None: per model, by free memory
     options.validate()
     limits = Limits(
         max_body_bytes=int(max_body_mb * 1024 * 1024),
@@ -134,6 +145,7 @@ def serve(
     manager = ModelManager(
         keep_alive_s=-1.0 if keep is None else keep,
         max_loaded=max_loaded,
+        parallel=n_parallel,
         load_options=options,
     )
     application = create_app(manager, api_key=key, limits=limits)
@@ -147,7 +159,13 @@ def serve(
     url = _url(sock)
     out.print(
         f"mmchat is listening on {url} (Ollama API: {url}/api, OpenAI API: {url}/v1"
-        f"{', API key required' if key else ''}); Ctrl+C stops it",
+        f"{', API key required' if key else ''}; "
+        + (
+            f"{n_parallel} replies at once per model"
+            if n_parallel
+            else "replies at once per model: up to 4, by free memory"
+        )
+        + "); Ctrl+C stops it",
         markup=False,
         highlight=False,
         soft_wrap=True,

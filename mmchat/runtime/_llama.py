@@ -250,6 +250,8 @@ class _Batch:
 
     ``pos``: the first position (consecutive positions follow), or the positions themselves:
     one per token, or for embeddings ``n * n_pos_per_embd`` section-major (M-RoPE).
+    ``seq_id``: one sequence for every entry, or one per entry. ``logits``: compute logits
+    for the last entry only (``logits_last``), or for the entries a boolean mask selects.
     """
 
     def __init__(
@@ -259,7 +261,8 @@ class _Batch:
         tokens: np.ndarray | None = None,
         embd: np.ndarray | None = None,
         logits_last: bool = False,
-        seq_id: int = 0,
+        seq_id: int | np.ndarray = 0,
+        logits: np.ndarray | None = None,
     ) -> None:
         if (tokens is None) == (embd is None):
             raise ValueError("a batch holds either tokens or embeddings")
@@ -280,11 +283,20 @@ class _Batch:
         else:
             self.pos = np.arange(pos, pos + n, dtype=np.int32)
         self.n_seq_id = np.ones(n, dtype=np.int32)
-        self.seq_ids = np.full(1, seq_id, dtype=np.int32)
-        self.seq_ptrs = np.full(n, self.seq_ids.ctypes.data, dtype=np.uintp)
-        self.logits = np.zeros(n, dtype=np.int8)
-        if logits_last and n:
-            self.logits[-1] = 1
+        if isinstance(seq_id, np.ndarray):
+            self.seq_ids = np.ascontiguousarray(seq_id, dtype=np.int32).reshape(-1)
+            if self.seq_ids.shape[0] != n:
+                raise ValueError(f"{self.seq_ids.shape[0]} sequence ids for {n} batch entries")
+            self.seq_ptrs = self.seq_ids.ctypes.data + 4 * np.arange(n, dtype=np.uintp)
+        else:
+            self.seq_ids = np.full(1, seq_id, dtype=np.int32)
+            self.seq_ptrs = np.full(n, self.seq_ids.ctypes.data, dtype=np.uintp)
+        if logits is not None:
+            self.logits = np.ascontiguousarray(logits, dtype=np.int8).reshape(-1)
+        else:
+            self.logits = np.zeros(n, dtype=np.int8)
+            if logits_last and n:
+                self.logits[-1] = 1
         b: Any = C.llama_batch()
         b.n_tokens = n
         i32p = ctypes.POINTER(ctypes.c_int32)
@@ -400,6 +412,21 @@ class Context:
     ) -> None:
         self._decode(_Batch(pos, tokens=tokens, logits_last=logits_last, seq_id=seq_id))
 
+    def decode_mixed(
+        self, tokens: np.ndarray, pos: np.ndarray, seq_ids: np.ndarray, logits: np.ndarray
+    ) -> None:
+        """One batch of tokens of several sequences (parallel serving): each entry has its
+        own position and sequence; ``logits`` marks the entries whose logits are kept (read
+        them with ``logits_at(i)`` / sample with ``SamplerChain.sample(ctx, i)``)."""
+        self._decode(_Batch(pos, tokens=tokens, seq_id=seq_ids, logits=logits))
+
+    def logits_at(self, i: int) -> np.ndarray:
+        """Logits of batch entry ``i`` of the last decode (a copy)."""
+        ptr = C.llama_get_logits_ith(self.ptr, i)
+        if not ptr:
+            raise RuntimeError(f"no logits were computed for batch entry {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
     def decode_one(self, token: int, pos: int, seq_id: int = 0) -> None:
         """Decode one token at ``pos`` with logits (the generation step)."""
         one = self._one
@@ -470,8 +497,9 @@ class SamplerChain:
             raise UserError("llama.cpp could not create a sampler" + _why())
         C.llama_sampler_chain_add(self.ptr, smpl)
 
-    def sample(self, ctx: Context) -> int:
-        return int(C.llama_sampler_sample(self.ptr, ctx.ptr, -1))
+    def sample(self, ctx: Context, idx: int = -1) -> int:
+        """Sample from the logits of batch entry ``idx`` of the last decode (-1: the last)."""
+        return int(C.llama_sampler_sample(self.ptr, ctx.ptr, idx))
 
     def close(self) -> None:
         if self.ptr:

@@ -10,7 +10,8 @@ M-RoPE image continues where llama.cpp's helper would put it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,6 +29,22 @@ from mmchat.runtime.pieces import (
     run_advance,
     run_cells,
 )
+
+
+@dataclass
+class Chunk:
+    """Cells of one sequence to decode in one batch: tokens or embedding rows, their
+    positions (section-major for M-RoPE rows), and what the sequence holds after them."""
+
+    tokens: np.ndarray | None
+    embd: np.ndarray | None
+    pos: np.ndarray
+    units: list[Unit]
+    cell_pos: list[int]
+    next_pos: int
+    last: bool
+    """Holds the prompt's last cell (its logits are needed)."""
+    non_causal: bool = False
 
 
 class ContextOverflowError(UserError):
@@ -116,54 +133,48 @@ class KVSequence:
             start += n
         return k
 
-    def decode(
-        self,
-        items: Sequence[PromptItem],
-        start: int,
-        cancel: threading.Event | None = None,
-    ) -> None:
-        """Decode the cells of ``items`` from cell ``start`` on (the first ``start`` are held)
-        in the chunks llama.cpp's helper uses; logits for the last cell."""
+    def chunks(
+        self, items: Sequence[PromptItem], start: int, n_batch: int | None = None
+    ) -> Iterator[Chunk]:
+        """The cells of ``items`` from cell ``start`` on (the first ``start`` are held), in
+        the chunks llama.cpp's helper decodes: merged token runs split by ``n_batch``, and
+        each embedding block whole when non-causal, else split by ``n_batch``. Apply each
+        with the backend, then ``commit`` it."""
         be = self.backend
-        n_batch = be.n_batch
+        n_batch = n_batch or be.n_batch
         nppe = be.n_pos_per_embd
         total = sum(run_cells(r) for r in decode_runs(items))
         cell = 0
         pos = 0
         for run in decode_runs(items):
             n = run_cells(run)
+            adv = run_advance(run)
             if cell + n <= start:
                 cell += n
-                pos += run_advance(run)
+                pos += adv
                 continue
             lo = max(start - cell, 0)
             if isinstance(run, TokenRun):
                 arr = np.asarray(run.tokens, dtype=np.int32)
                 for a in range(lo, n, n_batch):
                     b = min(a + n_batch, n)
-                    _check(cancel)
-                    be.decode_tokens(
-                        arr[a:b], pos + a, logits_last=(cell + b == total), seq_id=self.seq_id
+                    yield Chunk(
+                        tokens=arr[a:b],
+                        embd=None,
+                        pos=np.arange(pos + a, pos + b, dtype=np.int32),
+                        units=list(run.tokens[a:b]),
+                        cell_pos=list(range(pos + a, pos + b)),
+                        next_pos=pos + b if b < n else pos + adv,
+                        last=cell + b == total,
                     )
-                    self.units.extend(run.tokens[a:b])
-                    self.cell_pos.extend(range(pos + a, pos + b))
             else:
-                self._decode_block(run, lo, pos, cell, total, nppe, cancel)
+                yield from self._block_chunks(run, lo, pos, cell, total, nppe, n_batch)
             cell += n
-            pos += run_advance(run)
-            self.next_pos = pos
+            pos += adv
 
-    def _decode_block(
-        self,
-        run: EmbedRun,
-        lo: int,
-        pos: int,
-        cell: int,
-        total: int,
-        nppe: int,
-        cancel: threading.Event | None,
-    ) -> None:
-        be = self.backend
+    def _block_chunks(
+        self, run: EmbedRun, lo: int, pos: int, cell: int, total: int, nppe: int, n_batch: int
+    ) -> Iterator[Chunk]:
         media = run.media
         if lo:
             raise RuntimeError("a media block cannot be decoded from its middle")
@@ -174,26 +185,60 @@ class KVSequence:
         rows = emb[run.row : run.row + n]
         positions = block_positions(run, pos, nppe).reshape(nppe, n)
         if run.span.non_causal:
-            if n > be.n_ubatch:
+            if n > self.backend.n_ubatch:
                 raise UserError(
                     f"this image needs {n} tokens in one batch but the batch size is "
-                    f"{be.n_ubatch} (load with a larger n_batch)"
+                    f"{self.backend.n_ubatch} (load with a larger n_batch)"
                 )
             step = n
         else:
-            step = be.n_batch
+            step = n_batch
         for a in range(0, n, step):
             b = min(a + step, n)
-            _check(cancel)
-            be.decode_embeddings(
-                rows[a:b],
-                np.ascontiguousarray(positions[:, a:b]).reshape(-1),
-                logits_last=(cell + b == total),
+            yield Chunk(
+                tokens=None,
+                embd=rows[a:b],
+                pos=np.ascontiguousarray(positions[:, a:b]).reshape(-1),
+                units=[(media.key, run.row + j) for j in range(a, b)],
+                cell_pos=[int(p) for p in positions[0, a:b]],
+                next_pos=pos + run.span.advance if b == n else int(positions[0, b - 1]) + 1,
+                last=cell + b == total,
                 non_causal=run.span.non_causal,
+            )
+
+    def commit(self, chunk: Chunk) -> None:
+        """Record a chunk the backend has decoded."""
+        self.units.extend(chunk.units)
+        self.cell_pos.extend(chunk.cell_pos)
+        self.next_pos = chunk.next_pos
+
+    def apply(self, chunk: Chunk) -> None:
+        """Decode one chunk of this sequence alone (logits for its last cell if it ends the
+        prompt), and record it."""
+        be = self.backend
+        if chunk.tokens is not None:
+            be.decode_tokens(chunk.tokens, chunk.pos, logits_last=chunk.last, seq_id=self.seq_id)
+        else:
+            assert chunk.embd is not None
+            be.decode_embeddings(
+                chunk.embd,
+                chunk.pos,
+                logits_last=chunk.last,
+                non_causal=chunk.non_causal,
                 seq_id=self.seq_id,
             )
-            self.units.extend((media.key, run.row + j) for j in range(a, b))
-            self.cell_pos.extend(int(p) for p in positions[0, a:b])
+        self.commit(chunk)
+
+    def decode(
+        self,
+        items: Sequence[PromptItem],
+        start: int,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Decode the cells of ``items`` from cell ``start`` on, chunk by chunk."""
+        for chunk in self.chunks(items, start):
+            _check(cancel)
+            self.apply(chunk)
 
     def append_token(self, token: int, n_ctx: int) -> None:
         """Decode one generated token after the held cells."""

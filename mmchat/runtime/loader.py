@@ -119,11 +119,12 @@ def load_model(
         n_ctx = opts.n_ctx or min(DEFAULT_N_CTX, text.n_ctx_train or DEFAULT_N_CTX)
         ctx = _llama.Context(
             text,
-            n_ctx=n_ctx,
+            n_ctx=n_ctx * opts.n_parallel,
             n_batch=opts.n_batch,
             n_threads=opts.n_threads,
             flash_attn=opts.flash_attn,
             kv_cache_type=opts.kv_cache_type,
+            n_seq_max=opts.n_parallel,
         )
         if mm_path is not None:
             from mmchat.vision import open_vision

@@ -125,7 +125,11 @@ class LoadedModel:
         self.tokenizer = PromptTokenizer(text, template, legacy_spaces)
         self.load_ms = load_ms
         self.lock = FairLock()
+        self.n_seq = max(1, int(options.n_parallel))
+        """Sequences of the context (``LoadOptions.n_parallel``); each has ``n_ctx`` cells."""
         self._seq = KVSequence(ctx, 0)
+        self._scheduler: Any = None
+        self._scheduler_lock = threading.Lock()
         self.last_run: PromptRun | None = None
         """Counters of the latest prompt evaluation (tokens evaluated/reused, media encoded)."""
         self._closed = False
@@ -165,7 +169,22 @@ class LoadedModel:
 
     @property
     def n_ctx(self) -> int:
-        return self.ctx.n_ctx
+        """KV cells one sequence (one conversation) may use."""
+        return self.ctx.n_ctx // self.n_seq
+
+    @property
+    def scheduler(self) -> Any:
+        """The ``BatchScheduler`` of a model loaded with ``n_parallel > 1`` (else None)."""
+        if self.n_seq <= 1:
+            return None
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                if self._closed:
+                    raise RuntimeError("the model is closed")
+                from mmchat.runtime.parallel import BatchScheduler
+
+                self._scheduler = BatchScheduler(self, max_queue=self.options.max_queue)
+            return self._scheduler
 
     @property
     def n_embd(self) -> int:
@@ -204,6 +223,7 @@ class LoadedModel:
             "vision": self.has_vision,
             "audio": self.has_audio,
             "mrope": self.text.n_pos_per_embd > 1,
+            "parallel": self.n_seq,
         }
 
     # -- lifetime --
@@ -217,6 +237,10 @@ class LoadedModel:
         """
         if self._closed:
             return
+        with self._scheduler_lock:
+            scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.close(timeout)
         if not self.lock.acquire(timeout=timeout):
             raise RuntimeError("the model is busy with a request; it cannot be closed now")
         try:
@@ -368,6 +392,13 @@ class LoadedModel:
         """Empty the KV cache (the next prompt is evaluated from scratch)."""
         with self.lock:
             self._seq.reset()
+
+    def encode_media(self, items: Sequence[PromptMedia]) -> PromptRun:
+        """Fill in the embeddings of the media items that have none (the caller holds the
+        lock); the counters say what was encoded."""
+        run = PromptRun()
+        self._encode(items, run)
+        return run
 
     def _encode(self, items: Sequence[PromptMedia], run: PromptRun) -> None:
         """Fill in the embeddings of ``items`` (one call to the engine)."""

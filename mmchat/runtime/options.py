@@ -58,6 +58,13 @@ class LoadOptions:
     """Let llama.cpp (and the vision engine) log to stderr."""
     vision_device: str | None = None
     """Passed to ``open_vision(device=...)``; ``None`` lets the vision engine choose."""
+    n_parallel: int = 1
+    """Sequences served at once (``mmchat serve --parallel``): the context holds
+    ``n_parallel`` sequences of ``n_ctx`` cells each, decoded together in every step. The
+    REPL and one-shot use 1."""
+    max_queue: int = 64
+    """With ``n_parallel`` > 1: requests that may wait for a free sequence before new ones are
+    refused (``QueueFullError``; the server's 503)."""
 
     @classmethod
     def parity(cls, **overrides: Any) -> LoadOptions:
@@ -70,6 +77,8 @@ class LoadOptions:
             raise UserError(f"context size must be at least 16 tokens, got {self.n_ctx}")
         if self.n_batch < 1:
             raise UserError(f"batch size must be positive, got {self.n_batch}")
+        if self.n_parallel < 1:
+            raise UserError(f"parallel sequences must be at least 1, got {self.n_parallel}")
         if self.n_threads is not None and self.n_threads < 1:
             raise UserError(f"thread count must be positive, got {self.n_threads}")
         if self.kv_cache_type not in KV_CACHE_TYPES:

@@ -76,6 +76,23 @@ def grammar_for(p: SamplingParams) -> str | None:
         raise UserError(f"cannot use this JSON schema as a format: {exc}") from exc
 
 
+def sampler_for(model: LoadedModel, p: SamplingParams) -> _llama.SamplerChain:
+    """The llama.cpp sampler chain for ``p`` (a bad grammar fails here)."""
+    return _llama.build_sampler(
+        model.text,
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        min_p=p.min_p,
+        repeat_penalty=p.repeat_penalty,
+        repeat_last_n=p.repeat_last_n,
+        frequency_penalty=p.frequency_penalty,
+        presence_penalty=p.presence_penalty,
+        seed=seed_or_random(p.seed),
+        grammar=grammar_for(p),
+    )
+
+
 class ChatSession:
     """A conversation: system prompt, messages, sampling parameters, and statistics."""
 
@@ -97,6 +114,7 @@ class ChatSession:
         """Index of the first message the model still sees (older ones were trimmed)."""
         self.last_stats: Stats | None = None
         self._cancel = threading.Event()
+        self._job_cancel: threading.Event | None = None
 
     # -- conversation state --
 
@@ -121,6 +139,9 @@ class ChatSession:
     def cancel(self) -> None:
         """Ask a running ``send`` (in another thread) to stop at the next token or batch."""
         self._cancel.set()
+        job_cancel = self._job_cancel
+        if job_cancel is not None:
+            job_cancel.set()
 
     def export(self) -> dict[str, Any]:
         """The conversation as plain JSON-able data (images by sha256 + path)."""
@@ -185,6 +206,60 @@ class ChatSession:
         return self._send(None, p)
 
     def _send(self, user: Message | None, p: SamplingParams) -> Generator[Event, None, None]:
+        if self.model.scheduler is not None:
+            return self._send_parallel(user, p)
+        return self._send_alone(user, p)
+
+    def _send_parallel(
+        self, user: Message | None, p: SamplingParams
+    ) -> Generator[Event, None, None]:
+        """The reply from the model's batch scheduler (a model served with --parallel)."""
+        from mmchat.runtime.parallel import job_events
+
+        added = False
+        if user is not None:
+            self.messages.append(user)
+            added = True
+        shown = ""
+        stop = threading.Event()  # this reply's own: the scheduler may look after we return
+        self._job_cancel = stop
+        if self._cancel.is_set():
+            stop.set()
+        try:
+            items, dropped = self._fit(p)
+            if dropped:
+                yield ContextTrimmed(dropped, count_positions(items), self.model.n_ctx)
+            job = self.model.scheduler.submit(items, p, stop)
+            for ev in job_events(job):
+                if isinstance(ev, Done):
+                    ev.stats.dropped_messages = dropped
+                    self.messages.append(Message("assistant", ev.text))
+                    self.last_stats = ev.stats
+                    added = False
+                    yield ev
+                    return
+                if isinstance(ev, Token):
+                    shown += ev.text
+                yield ev
+        except (GeneratorExit, KeyboardInterrupt):
+            stop.set()
+            if shown:
+                self.messages.append(Message("assistant", shown, interrupted=True))
+            elif added:
+                self.messages.pop()
+            raise
+        except BaseException:
+            stop.set()
+            if shown:
+                self.messages.append(Message("assistant", shown, interrupted=True))
+            elif added:
+                self.messages.pop()
+            raise
+        finally:
+            self._job_cancel = None
+            self._cancel.clear()
+
+    def _send_alone(self, user: Message | None, p: SamplingParams) -> Generator[Event, None, None]:
         model = self.model
         t_call = time.perf_counter()
         model.lock.acquire()
@@ -272,19 +347,7 @@ class ChatSession:
         )
 
     def _sampler(self, p: SamplingParams) -> _llama.SamplerChain:
-        return _llama.build_sampler(
-            self.model.text,
-            temperature=p.temperature,
-            top_k=p.top_k,
-            top_p=p.top_p,
-            min_p=p.min_p,
-            repeat_penalty=p.repeat_penalty,
-            repeat_last_n=p.repeat_last_n,
-            frequency_penalty=p.frequency_penalty,
-            presence_penalty=p.presence_penalty,
-            seed=seed_or_random(p.seed),
-            grammar=grammar_for(p),
-        )
+        return sampler_for(self.model, p)
 
     def _generate(
         self,

@@ -128,6 +128,10 @@ def create_app(
     def root() -> str:
         return "mmchat is running"
 
+    @app.get("/health", summary="Readiness and load (for load balancers)")
+    def health() -> dict[str, Any]:
+        return mgr.load_report()
+
     @app.head("/", include_in_schema=False)
     def root_head() -> PlainTextResponse:
         return PlainTextResponse("")

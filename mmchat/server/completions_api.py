@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from mmchat.errors import UserError
 from mmchat.server import schemas as S
 from mmchat.server.chat import Generation, Prepared, is_end, stream_batched
-from mmchat.server.errors import ApiError, as_api_error, error_body
+from mmchat.server.errors import ApiError, as_api_error, error_body, error_response
 from mmchat.server.models import parse_keep_alive
 from mmchat.server.params import base_params
 from mmchat.server.state import ServerState, state_of
@@ -33,11 +33,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": S.OpenAIError, "description": "bad request"},
     404: {"model": S.OpenAIError, "description": "unknown model"},
 }
-
-
-def _error(path: str, exc: BaseException) -> JSONResponse:
-    err = as_api_error(exc)
-    return JSONResponse(error_body(path, err.status, err.message, err.code), status_code=err.status)
 
 
 def _prompts(req: S.CompletionRequest, state: ServerState) -> list[str]:
@@ -139,7 +134,7 @@ async def completions(req: S.CompletionRequest, request: Request) -> Response:
     if is_end(first):
         return Response(status_code=499)
     if isinstance(first, BaseException):
-        return _error(path, first)
+        return error_response(path, first)
     prepared = gen.prepared
     fingerprint = f"fp_mmchat_{prepared.record.id}" if prepared is not None else "fp_mmchat"
 
@@ -168,7 +163,7 @@ async def completions(req: S.CompletionRequest, request: Request) -> Response:
                 if is_end(item):
                     return Response(status_code=499)
                 if isinstance(item, BaseException):
-                    return _error(path, item)
+                    return error_response(path, item)
                 item = await gen.next(request)
             count(item)
             choices.append(choice(i, item.text, _finish(item.done_reason)))

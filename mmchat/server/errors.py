@@ -28,11 +28,19 @@ OPENAI_TYPES = {
 class ApiError(Exception):
     """An error with an HTTP status, raised anywhere while handling a request."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        self.headers = headers or {}
 
 
 def is_openai_path(path: str) -> bool:
@@ -64,8 +72,25 @@ def as_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, NotFoundError):
         return ApiError(404, str(exc), code="model_not_found")
     if isinstance(exc, UserError):
+        from mmchat.runtime.parallel import QueueFullError
         from mmchat.vision import ImageTooLargeError
+
+        if isinstance(exc, QueueFullError):
+            retry = {"Retry-After": str(exc.retry_after_s)}
+            return ApiError(503, str(exc), code="server_busy", headers=retry)
 
         status = 413 if isinstance(exc, ImageTooLargeError) else 400
         return ApiError(status, str(exc))
     return ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def error_response(path: str, exc: BaseException) -> Any:
+    """The ``JSONResponse`` for ``exc`` on a request to ``path`` (status, body, headers)."""
+    from fastapi.responses import JSONResponse
+
+    err = as_api_error(exc)
+    return JSONResponse(
+        error_body(path, err.status, err.message, err.code),
+        status_code=err.status,
+        headers=err.headers or None,
+    )

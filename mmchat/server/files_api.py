@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect
 
 from mmchat.errors import UserError
 from mmchat.server import schemas as S
-from mmchat.server.errors import ApiError, as_api_error, error_body
+from mmchat.server.errors import ApiError, as_api_error, error_response
 from mmchat.server.limits import MAX_DRAIN_BYTES
 from mmchat.server.state import ServerState, state_of
 
@@ -474,14 +474,14 @@ async def create(req: S.CreateRequest, request: Request) -> Response:
         last: Any = None
         while (item := await queue.get()) is not end:
             if isinstance(item, BaseException):
-                return _error(path, item)
+                return error_response(path, item)
             last = item
         return JSONResponse(last or {"status": "success"})
     first = await queue.get()
     if first is end:
         return JSONResponse({"status": "success"})
     if isinstance(first, BaseException):
-        return _error(path, first)
+        return error_response(path, first)
 
     async def lines() -> AsyncIterator[bytes]:
         item = first
@@ -493,8 +493,3 @@ async def create(req: S.CreateRequest, request: Request) -> Response:
             item = await queue.get()
 
     return StreamingResponse(lines(), media_type=NDJSON)
-
-
-def _error(path: str, exc: BaseException) -> JSONResponse:
-    err = as_api_error(exc)
-    return JSONResponse(error_body(path, err.status, err.message, err.code), status_code=err.status)

@@ -3,8 +3,11 @@
 - One ``LoadedModel`` per store name, reloaded (once the requests holding it are done)
   when the store's content for the name changes or a request needs another context size:
   its ``num_ctx``, else the model's stored ``num_ctx``, else the server's ``--ctx``.
-- Requests to a loaded model are served one at a time in arrival order: the runtime's
-  ``LoadedModel.lock`` is a FIFO lock, so the model's queue is the lock's queue.
+- Requests to a loaded model are served one at a time in arrival order (the runtime's
+  ``LoadedModel.lock`` is a FIFO lock, so the model's queue is the lock's queue), or, with
+  ``parallel`` > 1 sequences, several at once by the model's ``BatchScheduler`` (continuous
+  batching; its queue is FIFO and bounded). ``parallel=None`` picks it per model from the
+  model's size, the context and the free memory (``mmchat.runtime.parallel``).
 - ``keep_alive`` (Ollama's semantics): after a request the model stays loaded that long;
   0 unloads it as soon as it is idle, a negative value keeps it loaded. A background
   thread (the reaper) unloads idle models whose time is up. A model is never closed while
@@ -143,10 +146,13 @@ class ModelManager:
         load_options: Any = None,
         loader: Loader | None = None,
         store: Any = None,
+        parallel: int | None = 1,
     ) -> None:
         from mmchat.settings import load_settings
 
         settings = load_settings()
+        self.parallel = parallel
+        """Sequences per loaded model (``--parallel``); None: chosen per model."""
         self.default_keep_alive: float | None = (
             settings.keep_alive_s if keep_alive_s is None else keep_alive_s
         )
@@ -368,6 +374,12 @@ class ModelManager:
         options = self._load_options or LoadOptions()
         if n_ctx is not None:
             options = replace(options, n_ctx=n_ctx)
+        parallel = self.parallel
+        if parallel is None:
+            from mmchat.runtime.parallel import auto_parallel
+
+            parallel = auto_parallel(record.model_path, options.n_ctx, options.kv_cache_type)
+        options = replace(options, n_parallel=max(1, parallel))
         loader = self._loader
         if loader is None:
             from mmchat.runtime import load_model
@@ -414,6 +426,27 @@ class ModelManager:
         with self._cond:
             entries = [e for e in self._entries.values() if not e.unload_when_idle]
         return sorted(entries, key=lambda e: e.last_used, reverse=True)
+
+    def load_report(self) -> dict[str, Any]:
+        """Readiness and load, for ``/health`` (a load balancer's view)."""
+        models = []
+        for e in self.loaded():
+            sched = getattr(e.model, "_scheduler", None)
+            models.append(
+                {
+                    "name": e.name,
+                    "parallel": int(getattr(e.model, "n_seq", 1)),
+                    "requests": e.active,
+                    "running": sched.active if sched is not None else min(e.active, 1),
+                    "queued": sched.queued if sched is not None else max(e.active - 1, 0),
+                }
+            )
+        return {
+            "status": "ok",
+            "parallel": "auto" if self.parallel is None else self.parallel,
+            "models": models,
+            "requests": sum(m["requests"] for m in models),
+        }
 
     def is_loaded(self, name: str) -> bool:
         with self._cond:

@@ -21,7 +21,7 @@ from mmchat import __version__
 from mmchat.server import schemas as S
 from mmchat.server.chat import Generation, Loaded, Prepared, is_end, stream_batched
 from mmchat.server.conversation import Turn, build_conversation
-from mmchat.server.errors import ApiError, as_api_error, error_body
+from mmchat.server.errors import ApiError, as_api_error, error_response
 from mmchat.server.images import RawImage, decode_base64
 from mmchat.server.models import parse_keep_alive
 from mmchat.server.params import base_params, with_format, with_options
@@ -46,11 +46,6 @@ def _iso(ts: float) -> str:
         ts = time.time()
     stamp = datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds")
     return stamp.replace("+00:00", "Z")
-
-
-def error_response(path: str, exc: BaseException) -> JSONResponse:
-    err = as_api_error(exc)
-    return JSONResponse(error_body(path, err.status, err.message, err.code), status_code=err.status)
 
 
 # ----------------------------------------------------------------------------- requests
@@ -375,6 +370,7 @@ def ps(request: Request) -> dict[str, Any]:
                 "expires_at": _iso(expires),
                 "size_vram": rec.size if gpu else 0,
                 "context_length": n_ctx,
+                "parallel": int(getattr(e.model, "n_seq", 1)),
             }
         )
     return {"models": out}

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from mmchat.server import schemas as S
 from mmchat.server.chat import Generation, Loaded, Prepared, is_end, stream_batched
 from mmchat.server.conversation import Turn, build_conversation
-from mmchat.server.errors import ApiError, as_api_error, error_body
+from mmchat.server.errors import ApiError, as_api_error, error_body, error_response
 from mmchat.server.images import RawImage, decode_image_url, decode_input_audio
 from mmchat.server.models import parse_keep_alive
 from mmchat.server.params import base_params, schema_grammar
@@ -31,11 +31,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": S.OpenAIError, "description": "request or image too large"},
 }
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-def _error(path: str, exc: BaseException) -> JSONResponse:
-    err = as_api_error(exc)
-    return JSONResponse(error_body(path, err.status, err.message, err.code), status_code=err.status)
 
 
 def _parts(msg: S.OpenAIMessage, i: int) -> tuple[str, list[RawImage]]:
@@ -155,7 +150,7 @@ async def chat_completions(req: S.ChatCompletionRequest, request: Request) -> Re
     if is_end(first):
         return Response(status_code=499)
     if isinstance(first, BaseException):
-        return _error(path, first)
+        return error_response(path, first)
     assert not isinstance(first, Loaded)
     ident = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
@@ -171,7 +166,7 @@ async def chat_completions(req: S.ChatCompletionRequest, request: Request) -> Re
         item = first
         while not is_end(item):
             if isinstance(item, BaseException):
-                return _error(path, item)
+                return error_response(path, item)
             if isinstance(item, Done):
                 return JSONResponse(
                     {

@@ -154,6 +154,7 @@ class PsModel(BaseModel):
     expires_at: str
     size_vram: int
     context_length: int
+    parallel: int = Field(1, description="replies this model produces at once")
 
 
 class PsResponse(BaseModel):
