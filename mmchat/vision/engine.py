@@ -435,6 +435,21 @@ def open_vision(
             cache=cache,
             disk_cache=disk_cache,
         )
+    if proj == "internvit":  # NVLM-D: tiles with text tags, only libmmvision runs it
+        if engine not in (None, "mmvision"):
+            raise UserError("projector type 'internvit' (NVLM-D) runs on mmvision only")
+        from mmchat.vision.internvit import InternVitEngine
+
+        return InternVitEngine(
+            path,
+            text_n_embd=text_n_embd,
+            llama_model=llama_model,
+            n_threads=n_threads,
+            device=device,
+            max_batch=max_batch,
+            cache=cache,
+            disk_cache=disk_cache,
+        )
     chosen = engine or ("mmvision" if runs_on_mmvision(info) else "mtmd")
     if chosen == "mmvision":
         if proj not in LLAVA_PROJECTORS:
