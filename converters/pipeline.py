@@ -209,9 +209,14 @@ def _text_kv(
             w.add_rope_scaling_factor(hp.rope_scaling[1])
         if hp.sliding_window:
             w.add_sliding_window(hp.sliding_window)
-        w.add_tokenizer_model("llama")
+        w.add_tokenizer_model(vocab.model)
+        if vocab.pre:
+            w.add_tokenizer_pre(vocab.pre)
         w.add_token_list(vocab.tokens)
-        w.add_token_scores(vocab.scores)
+        if vocab.model == "llama":
+            w.add_token_scores(vocab.scores)
+        if vocab.merges:
+            w.add_token_merges(vocab.merges)
         w.add_token_types(vocab.types)
         if vocab.bos_id is not None:
             w.add_bos_token_id(vocab.bos_id)
@@ -319,7 +324,7 @@ def convert(
     else:
         family = detect_folder_family(folder)
     plan = family.plan(folder, config, vision_tower=vision_tower)
-    vocab = load_vocab(
+    vocab = plan.vocab or load_vocab(
         plan.tokenizer_dir,
         vocab_size=plan.text.n_vocab,
         config_ids=plan.config_ids,
@@ -420,7 +425,7 @@ def convert(
                 tt = time.perf_counter()
                 _write_file(
                     model_tmp,
-                    "llama",
+                    plan.text.gguf_arch,
                     _text_kv(plan, vocab, name, tq, repo, text_quantized),
                     text_planned,
                     pool=pool,

@@ -13,6 +13,7 @@ from .idefics import FAMILIES as IDEFICS
 from .llava_hf import LlavaHF
 from .llava_next import FAMILIES as LLAVA_NEXT
 from .llava_original import LlavaLlama, LlavaMistral
+from .nvlm import FAMILIES as NVLM
 from .qformer import FAMILIES as QFORMER
 from .qformer_original import FOLDER_FAMILIES
 
@@ -24,6 +25,7 @@ FAMILIES: tuple[type[Family], ...] = (
     LlavaMistral,
     *QFORMER,
     *IDEFICS,
+    *NVLM,
 )
 
 

@@ -52,6 +52,10 @@ class TextHParams:
     sliding_window: int | None = None
     tied_embeddings: bool = False
     base_arch: str = "llama"  # "llama" or "mistral" (both written as llama.cpp's llama)
+    # libllama architecture of the text GGUF ("llama"; "nemotron": LayerNorm with eps
+    # layer_norm_epsilon, squared ReLU, rotary on the first rope_dim dims of each head)
+    gguf_arch: str = "llama"
+    rope_dim: int | None = None  # None: head_dim
 
 
 class VisionSpec(Protocol):
@@ -100,6 +104,9 @@ class FamilyPlan:
     # Overrides the tokenizer's add_bos_token (None: keep it); a family whose template
     # places BOS itself (BLIP-2: image rows before BOS) writes False.
     add_bos: bool | None = None
+    # The text GGUF's vocabulary when the family reads it itself (a byte-level BPE, Qwen2);
+    # None: the converter reads the SentencePiece vocabulary from tokenizer_dir.
+    vocab: Any = None
 
 
 class Family(Protocol):
