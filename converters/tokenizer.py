@@ -39,6 +39,11 @@ class Vocab:
     chat_template: str | None = None
     template_source: str = "none"  # "checkpoint" or "family default"
     notes: list[str] = field(default_factory=list)
+    # tokenizer.ggml.model: "llama" (SentencePiece) or "gpt2" (byte-level BPE, with a
+    # tokenizer.ggml.pre name and merges)
+    model: str = "llama"
+    pre: str | None = None
+    merges: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.tokens)
