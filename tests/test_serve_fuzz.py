@@ -106,3 +106,25 @@ def test_fuzz_generation_with_a_real_model_no_server_errors(live: LiveServer) ->
         model="tiny", messages=[{"role": "user", "content": "ok?"}], options={"num_predict": 2}
     )
     assert r.done  # and the server still serves
+
+
+@pytest.fixture(scope="module")
+def live_parallel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    store = make_store(tmp_path_factory.mktemp("serve-fuzz-par"))
+    srv = start_server(store, parallel=4, max_body_bytes=1 << 20)
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.slow
+def test_fuzz_generation_with_parallel_4_no_server_errors(live_parallel: LiveServer) -> None:
+    """The generation endpoints of a server answering 4 replies at once (issue 20)."""
+    failures: list[str] = []
+    for op in operations(live_parallel):
+        if op.path in GENERATION and op.method.lower() == "post":
+            failures += check(live_parallel, op, GenerationMode.POSITIVE, pin=True)
+    assert not failures, "\n".join(failures)
+    r = live_parallel.ollama().chat(
+        model="tiny", messages=[{"role": "user", "content": "ok?"}], options={"num_predict": 2}
+    )
+    assert r.done

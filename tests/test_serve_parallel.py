@@ -43,7 +43,7 @@ def make_store(root: Path, demo: Any) -> Store:
 
     store = Store(root)
     store.register("demo", model=demo.model_path, mmproj=demo.mmproj_path)
-    for family in ("qwen2vl", "smolvlm"):
+    for family in ("qwen2vl", "smolvlm", "gemma3"):
         if family in FAMILIES:
             model, mmproj = files(family)
             store.register(family, model=model, mmproj=mmproj)
@@ -172,25 +172,21 @@ def test_a_follow_up_reuses_its_prefix(live: LiveServer) -> None:
 # ----------------------------------------------------------------------------- slots, queue
 @pytest.fixture
 def small(tmp_path: Path, demo_files: Any) -> Iterator[LiveServer]:
-    """One slot, one place in the queue."""
+    """Two slots, one place in the queue; contexts long enough that an endless reply keeps
+    its slot for many seconds."""
     store = make_store(tmp_path, demo_files)
-    opts = LoadOptions(n_ctx=1024, n_threads=1, max_queue=1)
+    opts = LoadOptions(n_ctx=16384, n_threads=1, max_queue=1)
     srv = start_server(store, parallel=2, load_options=opts)
     yield srv
     srv.stop()
 
 
+LONG = "gemma3"  # a random tiny model: greedy, it repeats itself without ever ending
+
+
 def _long_stream(live: LiveServer, started: threading.Event, stop: threading.Event) -> None:
-    with httpx.stream(
-        "POST",
-        live.url + "/api/generate",
-        json={
-            "model": "demo",
-            "prompt": "Talk",
-            "options": {"num_predict": 100000, "temperature": 1},
-        },
-        timeout=120,
-    ) as r:
+    body = {"model": LONG, "prompt": "Talk", "options": {"num_predict": 100000, "temperature": 0}}
+    with httpx.stream("POST", live.url + "/api/generate", json=body, timeout=120) as r:
         for _ in r.iter_lines():
             started.set()
             if stop.is_set():
@@ -198,7 +194,11 @@ def _long_stream(live: LiveServer, started: threading.Event, stop: threading.Eve
 
 
 def test_queue_overflow_is_503_and_a_cancelled_stream_frees_its_slot(small: LiveServer) -> None:
-    run_request(small, "demo", REQUESTS[6])  # load the model
+    from test_mtmd_families import FAMILIES
+
+    if LONG not in FAMILIES:
+        pytest.skip(f"no {LONG} fixture")
+    run_request(small, LONG, REQUESTS[6])  # load the model
     stops = [threading.Event(), threading.Event()]
     starts = [threading.Event(), threading.Event()]
     streams = [
@@ -210,7 +210,7 @@ def test_queue_overflow_is_503_and_a_cancelled_stream_frees_its_slot(small: Live
     assert all(s.wait(60) for s in starts)  # both slots busy
     queued: list[Any] = []
     waiter = threading.Thread(
-        target=lambda: queued.append(run_request(small, "demo", REQUESTS[3])), daemon=True
+        target=lambda: queued.append(run_request(small, LONG, REQUESTS[6])), daemon=True
     )
     waiter.start()
     deadline = time.monotonic() + 30
@@ -219,7 +219,7 @@ def test_queue_overflow_is_503_and_a_cancelled_stream_frees_its_slot(small: Live
         time.sleep(0.05)
     over = httpx.post(
         small.url + "/api/chat",
-        json={"model": "demo", "messages": [{"role": "user", "content": "hi"}]},
+        json={"model": LONG, "messages": [{"role": "user", "content": "hi"}]},
         timeout=30,
     )
     assert over.status_code == 503 and int(over.headers["Retry-After"]) >= 1
