@@ -107,9 +107,13 @@ def test_conversion_writes_qwen2_and_the_documented_vision_layout(outdir: Path) 
     assert v.get("internvit.tiling.max_tiles") == 6
     assert v.get("internvit.tiling.use_thumbnail") is True
     # the 3 real heads of 16 only: dummy rows/columns dropped
-    assert [int(x) for x in v.tensor("v.blk.0.attn_q.weight").shape] == [48, 48]
-    assert [int(x) for x in v.tensor("v.blk.1.attn_out.weight").shape] == [48, 48]
-    assert [int(x) for x in v.tensor("v.blk.0.attn_k_norm.weight").shape] == [48]
+    for name, shape in (
+        ("v.blk.0.attn_q.weight", [48, 48]),
+        ("v.blk.1.attn_out.weight", [48, 48]),
+        ("v.blk.0.attn_k_norm.weight", [48]),
+    ):
+        t = v.tensor(name)
+        assert t is not None and [int(x) for x in t.shape] == shape, name
     assert v.tensor("mm.up.bias") is None and v.tensor("mm.ln.bias") is not None
 
 
