@@ -112,8 +112,8 @@ def test_conversion_writes_qwen2_and_the_documented_vision_layout(outdir: Path) 
         ("v.blk.1.attn_out.weight", [48, 48]),
         ("v.blk.0.attn_k_norm.weight", [48]),
     ):
-        t = v.tensor(name)
-        assert t is not None and [int(x) for x in t.shape] == shape, name
+        ts = v.tensor(name)
+        assert ts is not None and [int(x) for x in ts.shape] == shape, name
     assert v.tensor("mm.up.bias") is None and v.tensor("mm.ln.bias") is not None
 
 
