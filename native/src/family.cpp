@@ -9,6 +9,7 @@ const FamilyEntry kFamilies[] = {
     {"mlp", make_clip_family},       // LLaVA 1.5 / 1.6, BakLLaVA
     {"mlp_norm", make_clip_family},  // LLaVA with normed projector
     {"qformer", make_qformer_family},  // BLIP-2, InstructBLIP (EVA ViT + Q-Former)
+    {"idefics", make_idefics_family},  // IDEFICS v1 (CLIP ViT + Perceiver resampler)
     {"internvit", make_internvit_family},  // NVLM-D (InternViT + pixel shuffle + mlp1)
 };
 
