@@ -56,12 +56,15 @@ class TextHParams:
     # layer_norm_epsilon, squared ReLU, rotary on the first rope_dim dims of each head)
     gguf_arch: str = "llama"
     rope_dim: int | None = None  # None: head_dim
+    # tokenizer.ggml.add_space_prefix (None: not written, llama.cpp's default true)
+    add_space_prefix: bool | None = None
 
 
 class VisionSpec(Protocol):
     """What the converter needs to know about a family's vision GGUF."""
 
     projector_type: str  # clip.projector_type: picks the family in libmmvision
+    image_size: int  # the square input side in pixels
 
     @property
     def n_image_tokens(self) -> int:
