@@ -28,8 +28,9 @@ from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFile
 from mmchat.errors import UserError
 
 from . import quant as Q
-from .families import FamilyPlan, TensorJob, detect_family, detect_folder_family
+from .families import Family, FamilyPlan, TensorJob, detect_family, detect_folder_family
 from .families.base import read_json
+from .families.neva import NevaFamily, nemo_source
 from .source import resolve_source
 from .tokenizer import Vocab, load_vocab
 
@@ -194,13 +195,16 @@ def _text_kv(
         w.add_embedding_length(hp.n_embd)
         w.add_block_count(hp.n_layer)
         w.add_feed_forward_length(hp.n_ff)
-        w.add_rope_dimension_count(hp.head_dim)
+        w.add_rope_dimension_count(hp.rope_dim or hp.head_dim)
         w.add_head_count(hp.n_head)
         w.add_head_count_kv(hp.n_head_kv)
         if hp.head_dim * hp.n_head != hp.n_embd:
             w.add_key_length(hp.head_dim)
             w.add_value_length(hp.head_dim)
-        w.add_layer_norm_rms_eps(hp.rms_eps)
+        if hp.gguf_arch == "nemotron":
+            w.add_layer_norm_eps(hp.rms_eps)
+        else:
+            w.add_layer_norm_rms_eps(hp.rms_eps)
         w.add_rope_freq_base(hp.rope_theta)
         if hp.rope_scaling is not None:
             from gguf import RopeScalingType
@@ -226,6 +230,8 @@ def _text_kv(
             w.add_unk_token_id(vocab.unk_id)
         if vocab.pad_id is not None:
             w.add_pad_token_id(vocab.pad_id)
+        if hp.add_space_prefix is not None:
+            w.add_add_space_prefix(hp.add_space_prefix)
         w.add_add_bos_token(vocab.add_bos)
         w.add_add_eos_token(vocab.add_eos)
         if vocab.chat_template:
@@ -315,14 +321,19 @@ def convert(
     t0 = time.perf_counter()
     tq = Q.parse_text_quant(quant)
     vq = Q.parse_vision_quant(vision_quant)
-    folder, repo = resolve_source(source)
-    cfg_path = folder / "config.json"
+    nemo = nemo_source(source)
     config: dict[str, Any] = {}
-    if cfg_path.is_file():
-        config = read_json(cfg_path)
-        family = detect_family(config)
+    family: Family
+    if nemo is not None:  # a NeMo .nemo archive or NeMo 2.0 folder (NeVA)
+        folder, repo, family = nemo, None, NevaFamily()
     else:
-        family = detect_folder_family(folder)
+        folder, repo = resolve_source(source)
+        cfg_path = folder / "config.json"
+        if cfg_path.is_file():
+            config = read_json(cfg_path)
+            family = detect_family(config)
+        else:
+            family = detect_folder_family(folder)
     plan = family.plan(folder, config, vision_tower=vision_tower)
     vocab = plan.vocab or load_vocab(
         plan.tokenizer_dir,
@@ -332,7 +343,7 @@ def convert(
     )
     if plan.add_bos is not None:
         vocab.add_bos = plan.add_bos
-    name = name or default_name(folder, repo)
+    name = name or default_name(folder.with_suffix("") if nemo else folder, repo)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]*", name):
         raise UserError(f"Invalid model name {name!r}: use letters, digits, '.', '_', '-', ':'")
     file_stem = name.replace(":", "-").replace("/", "-")
