@@ -36,7 +36,7 @@ from mmchat.vision.layout import (
     single_block,
 )
 
-LLAVA_PROJECTORS = ("mlp", "mlp_norm")
+LLAVA_PROJECTORS = ("mlp", "mlp_norm", "linear", "mlp_deep", "mlp_downsample")  # + NeVA's
 
 
 @dataclass
@@ -386,7 +386,9 @@ def _check_llava_width(info: GGUFInfo, text_n_embd: int | None) -> None:
     if not text_n_embd:
         return
     proj = projector_type_of(info)
-    name = "mm.2.weight" if proj == "mlp" else "mm.3.weight"
+    name = {"mlp": "mm.2.weight", "mlp_norm": "mm.3.weight", "mlp_downsample": "mm.4.weight"}.get(
+        proj, "mm.0.weight"
+    )
     t = info.tensor(name)
     if t is not None and len(t.shape) >= 2 and int(t.shape[1]) != text_n_embd:
         raise UserError(

@@ -8,6 +8,9 @@ namespace {
 const FamilyEntry kFamilies[] = {
     {"mlp", make_clip_family},       // LLaVA 1.5 / 1.6, BakLLaVA
     {"mlp_norm", make_clip_family},  // LLaVA with normed projector
+    {"linear", make_clip_family},          // NeVA: one linear layer
+    {"mlp_deep", make_clip_family},        // NeVA mlpNx_gelu, N > 2
+    {"mlp_downsample", make_clip_family},  // NeVA / VILA: 2x2 patch merge + LN + MLP
     {"qformer", make_qformer_family},  // BLIP-2, InstructBLIP (EVA ViT + Q-Former)
     {"idefics", make_idefics_family},  // IDEFICS v1 (CLIP ViT + Perceiver resampler)
     {"internvit", make_internvit_family},  // NVLM-D (InternViT + pixel shuffle + mlp1)

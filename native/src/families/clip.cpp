@@ -1,5 +1,8 @@
 // CLIP ViT (as transformers' CLIPVisionModel) + LLaVA projector: projector types "mlp"
-// (LLaVA 1.5/1.6, BakLLaVA: mm.0, GELU, mm.2) and "mlp_norm" (mm.0, LN mm.1, GELU, mm.3, LN mm.4).
+// (LLaVA 1.5/1.6, BakLLaVA: mm.0, GELU, mm.2) and "mlp_norm" (mm.0, LN mm.1, GELU, mm.3, LN mm.4);
+// NeVA's "linear" (mm.0 alone), "mlp_deep" (mm.0, GELU, mm.2, GELU, mm.4, ...) and
+// "mlp_downsample" (each 2x2 block of patches concatenated, zero-padded to an even grid, rows
+// in NeMo's column-major block order; LN mm.1, mm.2, GELU, mm.4).
 //
 // Per image: x = [class; patches] + positions, pre-LN, blocks up to the deepest feature layer,
 // hidden_states[f] of each feature layer concatenated, class row dropped, projector.
@@ -47,6 +50,9 @@ class ClipFamily final : public Family {
   public:
     void load(WeightLoader & w, Hparams & hp) override {
         norm_proj_ = hp.projector_name == "mlp_norm";
+        linear_proj_ = hp.projector_name == "linear";
+        deep_proj_ = hp.projector_name == "mlp_deep";
+        down_proj_ = hp.projector_name == "mlp_downsample";
         hp.image_size = w.get_int_in("clip.vision.image_size", 1, 8192);
         hp.patch_size = w.get_int_in("clip.vision.patch_size", 1, 1024);
         H_ = w.get_int_in("clip.vision.embedding_length", 1, 1 << 16);
@@ -91,7 +97,7 @@ class ClipFamily final : public Family {
         }
         hp.n_layer_run = features_.back();
         hp.legacy_layout = has_llava && !has_feature;
-        hp.n_tokens = hp.n_patches();
+        hp.n_tokens = down_proj_ ? ((hp.grid() + 1) / 2) * ((hp.grid() + 1) / 2) : hp.n_patches();
 
         declare(w, hp, has_llava, has_feature);
     }
@@ -118,7 +124,13 @@ class ClipFamily final : public Family {
         emb = ggml_view_3d(ctx, emb, emb->ne[0], NP, B, emb->nb[1], emb->nb[2], emb->nb[1]);
         emb = ggml_cont(ctx, emb);
 
+        if (down_proj_) return downsample_projector(ctx, hp, emb);
         emb = apply(ctx, mm_a_, emb);
+        if (linear_proj_) return emb;
+        if (deep_proj_) {
+            for (const Linear & l : mm_deep_) emb = apply(ctx, l, gelu(ctx, emb, false));
+            return emb;
+        }
         if (norm_proj_) emb = apply(ctx, mm_norm1_, emb, eps_);
         emb = gelu(ctx, emb, false);
         emb = apply(ctx, mm_b_, emb);
@@ -127,6 +139,23 @@ class ClipFamily final : public Family {
     }
 
   private:
+    // NeMo's DownSampleBlock: [W, g*g, B] -> [4W, (g/2)^2, B]; row k = (j, m) with j (the
+    // column pair) slowest holds patches (2m, 2j), (2m, 2j+1), (2m+1, 2j), (2m+1, 2j+1).
+    ggml_tensor * downsample_projector(ggml_context * ctx, const Hparams & hp, ggml_tensor * emb) const {
+        const int64_t W = emb->ne[0], g = hp.grid(), B = emb->ne[2], h = (g + 1) / 2;
+        ggml_tensor * x = ggml_reshape_4d(ctx, emb, W, g, g, B);  // [W, col, row, B]
+        if (g % 2) x = ggml_pad(ctx, x, 0, 1, 1, 0);
+        x = ggml_reshape_4d(ctx, x, 2 * W, h, 2, h * B);       // [2W, j, row%2, m + h*b]
+        x = ggml_cont(ctx, ggml_permute(ctx, x, 0, 2, 1, 3));  // [2W, row%2, j, m + h*b]
+        x = ggml_reshape_4d(ctx, x, 4 * W, h, h, B);           // [4W, j, m, B]
+        x = ggml_cont(ctx, ggml_permute(ctx, x, 0, 2, 1, 3));  // [4W, m, j, B]
+        x = ggml_reshape_3d(ctx, x, 4 * W, h * h, B);
+        x = apply(ctx, mm_norm1_, x, 1e-5f);  // torch.nn.LayerNorm's default eps
+        x = apply(ctx, mm_a_, x);
+        x = gelu(ctx, x, false);
+        return apply(ctx, mm_b_, x);
+    }
+
     void declare(WeightLoader & w, Hparams & hp, bool has_llava, bool has_feature) {
         const int64_t H = H_, F = F_, P = hp.patch_size;
         // Patch kernel: torch [hidden, 3, p, p] = ggml ne [p, p, 3, hidden]; its memory is the
@@ -172,10 +201,28 @@ class ClipFamily final : public Family {
         // Projector. mm.0: [H * n_features, mid]; mlp: mm.2 [mid, out]; mlp_norm: mm.1 LN(mid),
         // mm.3 [mid, out], mm.4 LN(out).
         const int64_t in_w = H * static_cast<int64_t>(features_.size());
+        if (down_proj_) {
+            std::vector<int64_t> m2 = w.shape_of("mm.2.weight"), m4 = w.shape_of("mm.4.weight");
+            if (m2.size() != 2 || m4.size() != 2) format_error(w.path() + ": missing mm.2/mm.4 of mlp_downsample");
+            mm_norm1_ = w.norm("mm.1", 4 * in_w, true);
+            mm_a_ = w.linear("mm.2", 4 * in_w, m2[1], false);
+            mm_b_ = w.linear("mm.4", m2[1], m4[1], false);
+            hp.n_embd_out = static_cast<int32_t>(m4[1]);
+            return;
+        }
         std::vector<int64_t> m0 = w.shape_of("mm.0.weight");
         if (m0.size() != 2) format_error(w.path() + ": missing or malformed tensor mm.0.weight");
         const int64_t mid = m0[1];
         mm_a_ = w.linear("mm.0", in_w, mid, false);
+        if (linear_proj_ || deep_proj_) {
+            int64_t out = mid;
+            for (int i = 2; deep_proj_ && w.has_tensor("mm." + std::to_string(i) + ".weight"); i += 2) {
+                mm_deep_.push_back(w.linear("mm." + std::to_string(i), out, out, false));
+            }
+            if (deep_proj_ && mm_deep_.empty()) format_error(w.path() + ": mlp_deep without mm.2");
+            hp.n_embd_out = static_cast<int32_t>(out);
+            return;
+        }
         const char * second = norm_proj_ ? "mm.3.weight" : "mm.2.weight";
         std::vector<int64_t> m2 = w.shape_of(second);
         if (m2.size() != 2) format_error(w.path() + ": missing or malformed tensor " + std::string(second));
@@ -191,7 +238,8 @@ class ClipFamily final : public Family {
         hp.n_embd_out = static_cast<int32_t>(out);
     }
 
-    bool norm_proj_ = false;
+    bool norm_proj_ = false, linear_proj_ = false, deep_proj_ = false, down_proj_ = false;
+    std::vector<Linear> mm_deep_;  // mlp_deep: mm.2, mm.4, ...
     int64_t H_ = 0, F_ = 0, n_head_ = 0;
     float eps_ = 1e-5f;
     std::vector<int32_t> features_;  // hidden_states indices, ascending
