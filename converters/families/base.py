@@ -64,7 +64,6 @@ class VisionSpec(Protocol):
     """What the converter needs to know about a family's vision GGUF."""
 
     projector_type: str  # clip.projector_type: picks the family in libmmvision
-    image_size: int  # the square input side in pixels
 
     @property
     def n_image_tokens(self) -> int:

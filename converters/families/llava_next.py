@@ -27,6 +27,7 @@ from mmchat.errors import UserError
 
 from ..checkpoint import open_checkpoint
 from .base import Family, FamilyPlan, TensorJob, expect_shape, job
+from .clip import VisionHParams
 from .llava_hf import LlavaHF
 from .llava_original import LlavaLlama, LlavaMistral
 
@@ -57,6 +58,13 @@ MISTRAL_INSTRUCT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}"
 )
+
+
+def _clip_vision(plan: FamilyPlan) -> VisionHParams:
+    """The CLIP vision spec of a LLaVA plan (the base families always write one)."""
+    if not isinstance(plan.vision, VisionHParams):
+        raise TypeError(f"{plan.family}: expected a CLIP vision spec")
+    return plan.vision
 
 
 def parse_pinpoints(
@@ -171,7 +179,7 @@ class LlavaNextHF:
         if config.get("use_image_newline_parameter") is False:
             raise UserError("LLaVA-NeXT checkpoints without image_newline are not supported")
         plan = LlavaHF().plan(folder, config, vision_tower=vision_tower)
-        if plan.vision.image_size != image_size:
+        if _clip_vision(plan).image_size != image_size:
             raise UserError("vision_config.image_size disagrees with the vision tower")
         newline = _newline_job(folder, ("image_newline", "model.image_newline"), plan.text.n_embd)
         plan.family = self.name
@@ -207,7 +215,7 @@ class _NextOriginal:
         plan = self.base().plan(folder, config, vision_tower=vision_tower)
         pins = parse_pinpoints(
             config.get("image_grid_pinpoints"),
-            image_size=plan.vision.image_size,
+            image_size=_clip_vision(plan).image_size,
             pair_order="wh",
             where=where,
         )
