@@ -7,6 +7,7 @@ the chat template, so the text equals ``/api/generate``'s for the same prompt.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -94,7 +95,7 @@ def test_refusals_are_clear(live: LiveServer) -> None:
         ({"echo": True}, "echo is not supported"),
         ({"logprobs": 2}, "logprobs"),
         ({"prompt": [1, 2, 3]}, "token-id prompts"),
-        ({"suffix": "return x"}, "fill-in-the-middle"),
+        ({"suffix": "return x"}, "no fill-in-the-middle tokens"),
         ({"prompt": ["a", "b", "c", "d"]}, "at most 3"),
         ({"n": 2}, "n"),
     ]
@@ -107,3 +108,70 @@ def test_refusals_are_clear(live: LiveServer) -> None:
         client.completions.create(model="nosuchmodel", prompt="Hi")
     r = httpx.post(live.url + "/v1/completions", json={"model": "tinytext"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def with_fim_tokens(src: Path, dst: Path) -> Path:
+    """A copy of the GGUF ``src`` whose vocabulary names three of its tokens as the
+    fill-in-the-middle prefix / suffix / middle tokens (how code models' GGUFs mark them)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    arch = str(reader.fields["general.architecture"].contents())
+    writer = gguf.GGUFWriter(str(dst), arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value = field.contents()
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, value, vtype, sub_type=sub)
+    n_vocab = len(reader.fields["tokenizer.ggml.tokens"].contents())
+    writer.add_uint32("tokenizer.ggml.fim_pre_token_id", n_vocab - 3)
+    writer.add_uint32("tokenizer.ggml.fim_suf_token_id", n_vocab - 2)
+    writer.add_uint32("tokenizer.ggml.fim_mid_token_id", n_vocab - 1)
+    for t in reader.tensors:
+        writer.add_tensor(
+            t.name, t.data, raw_shape=list(reversed(t.shape)), raw_dtype=t.tensor_type
+        )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def test_suffix_fills_in_the_middle_with_the_fim_tokens(tmp_path: Path) -> None:
+    from support.models import converted
+
+    from mmchat.runtime import LoadOptions, SamplingParams
+    from mmchat.runtime.loader import load_model
+    from mmchat.store import Store
+
+    model, _ = converted("llava15_hf")
+    fim = with_fim_tokens(model, tmp_path / "fim.gguf")
+    with load_model(fim, None, LoadOptions(n_ctx=1024, n_threads=1)) as lm:
+        ids = lm.fim_prompt("def add(a, b):", "    return c")
+        n = lm.n_vocab
+        assert ids[-1] == n - 1 and n - 3 in ids and n - 2 in ids
+        assert ids.index(n - 3) < ids.index(n - 2) < len(ids) - 1
+        params = SamplingParams(temperature=0, max_tokens=8, seed=1)
+        want = "".join(
+            e.text
+            for e in lm.session().infill("def add(a, b):", "    return c", params=params)
+            if hasattr(e, "text") and not hasattr(e, "stats")
+        )
+    store = Store(tmp_path / "store")
+    store.register("fim", model=fim)
+    srv = start_server(store)
+    try:
+        r = srv.openai().completions.create(
+            model="fim",
+            prompt="def add(a, b):",
+            suffix="    return c",
+            max_tokens=8,
+            temperature=0,
+            seed=1,
+        )
+        assert r.choices[0].text == want
+    finally:
+        srv.stop()

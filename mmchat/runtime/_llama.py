@@ -238,6 +238,15 @@ class TextModel:
                     out[text] = i
         return out
 
+    def fim_tokens(self) -> tuple[int, int, int]:
+        """(prefix, suffix, middle) fill-in-the-middle token ids; -1 where missing."""
+        v = self.vocab
+        return (
+            int(C.llama_vocab_fim_pre(v)),
+            int(C.llama_vocab_fim_suf(v)),
+            int(C.llama_vocab_fim_mid(v)),
+        )
+
     def is_eog(self, token: int) -> bool:
         return bool(C.llama_vocab_is_eog(self.vocab, token))
 

@@ -287,6 +287,21 @@ class LoadedModel:
         ``PromptTokenizer``)."""
         return self.tokenizer.tokenize_prompt(text)
 
+    def fim_prompt(self, prefix: str, suffix: str) -> list[int]:
+        """``[BOS] <FIM_PRE> prefix <FIM_SUF> suffix <FIM_MID>`` as llama-server's infill
+        lays it out; ``UserError`` when the vocabulary has no fill-in-the-middle tokens."""
+        pre, suf, mid = self.text.fim_tokens()
+        if min(pre, suf, mid) < 0:
+            raise UserError(
+                f"{self.path.name} has no fill-in-the-middle tokens (FIM prefix/suffix/middle): "
+                "send the text before the gap as the prompt only"
+            )
+        tok = self.text.tokenize
+        ids = [self.text.bos] if self.text.add_bos and self.text.bos >= 0 else []
+        ids += [pre, *tok(prefix, add_special=False, parse_special=False)]
+        ids += [suf, *tok(suffix, add_special=False, parse_special=False), mid]
+        return ids
+
     def _template_messages(
         self, messages: Sequence[Message], system: str | None
     ) -> tuple[list[TemplateMessage], list[ImageInput]]:

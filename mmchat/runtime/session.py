@@ -205,13 +205,26 @@ class ChatSession:
         p.validate()
         return self._send(None, p)
 
-    def _send(self, user: Message | None, p: SamplingParams) -> Generator[Event, None, None]:
+    def infill(
+        self, prefix: str, suffix: str, *, params: SamplingParams | None = None
+    ) -> Generator[Event, None, None]:
+        """Fill in the middle: generate the text between ``prefix`` and ``suffix`` with the
+        vocabulary's FIM tokens (``<PRE> prefix <SUF> suffix <MID>``, llama.cpp's order). No
+        chat template; the history is not used. ``UserError`` for a model without them."""
+        p = params or self.params
+        p.validate()
+        ids = self.model.fim_prompt(prefix, suffix)
+        return self._send(None, p, prompt=[ids])
+
+    def _send(
+        self, user: Message | None, p: SamplingParams, prompt: list[PromptItem] | None = None
+    ) -> Generator[Event, None, None]:
         if self.model.scheduler is not None:
-            return self._send_parallel(user, p)
-        return self._send_alone(user, p)
+            return self._send_parallel(user, p, prompt)
+        return self._send_alone(user, p, prompt)
 
     def _send_parallel(
-        self, user: Message | None, p: SamplingParams
+        self, user: Message | None, p: SamplingParams, prompt: list[PromptItem] | None
     ) -> Generator[Event, None, None]:
         """The reply from the model's batch scheduler (a model served with --parallel)."""
         from mmchat.runtime.parallel import job_events
@@ -226,7 +239,7 @@ class ChatSession:
         if self._cancel.is_set():
             stop.set()
         try:
-            items, dropped = self._fit(p)
+            items, dropped = (prompt, 0) if prompt is not None else self._fit(p)
             if dropped:
                 yield ContextTrimmed(dropped, count_positions(items), self.model.n_ctx)
             job = self.model.scheduler.submit(items, p, stop)
@@ -259,7 +272,9 @@ class ChatSession:
             self._job_cancel = None
             self._cancel.clear()
 
-    def _send_alone(self, user: Message | None, p: SamplingParams) -> Generator[Event, None, None]:
+    def _send_alone(
+        self, user: Message | None, p: SamplingParams, prompt: list[PromptItem] | None
+    ) -> Generator[Event, None, None]:
         model = self.model
         t_call = time.perf_counter()
         model.lock.acquire()
@@ -273,7 +288,9 @@ class ChatSession:
                 self.messages.append(user)
                 added = True
             try:
-                items, dropped = self._fit(p)
+                items, dropped = (prompt, 0) if prompt is not None else self._fit(p)
+                if count_positions(items) > model.n_ctx:
+                    raise ContextOverflowError(count_positions(items), model.n_ctx)
                 stats.dropped_messages = dropped
                 if dropped:
                     yield ContextTrimmed(dropped, count_positions(items), model.n_ctx)

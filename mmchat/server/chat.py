@@ -56,6 +56,8 @@ class Prepared:
     num_ctx: int | None = None
     keep_alive_s: KeepAlive = UNSET
     load_only: bool = False
+    infill: tuple[str, str] | None = None
+    """Fill in the middle (prefix, suffix) instead of replying to ``messages``."""
 
 
 @dataclass
@@ -146,7 +148,10 @@ class Generation:
             self._session = session
             if self._stop.is_set():
                 return
-            reply = session.reply(params=prepared.params)
+            if prepared.infill is not None:
+                reply = session.infill(*prepared.infill, params=prepared.params)
+            else:
+                reply = session.reply(params=prepared.params)
             try:
                 for event in reply:
                     if isinstance(event, Done):  # sent once the model is released (below)

@@ -2,9 +2,11 @@
 
 As in Ollama, a prompt is sent to the model as a user message through its chat template
 (what ``/api/generate`` does without ``raw``); a list of prompts gives one choice per
-prompt, generated one after the other. ``suffix`` (fill-in-the-middle) needs a model whose
-vocabulary has FIM tokens and is refused otherwise; ``echo``, ``logprobs`` and token-id
-prompts are refused with a 400 that says so. Streaming is server-sent events like
+prompt, generated one after the other. With ``suffix`` the prompt is the text before a gap
+and the model fills it in with its vocabulary's fill-in-the-middle tokens (no chat
+template, as llama-server's infill); a model without FIM tokens gets a 400. ``echo``,
+``logprobs`` and token-id prompts are refused with a 400 that says so. Streaming is
+server-sent events like
 ``/v1/chat/completions``.
 """
 
@@ -79,16 +81,13 @@ def _prepare(req: S.CompletionRequest, state: ServerState, prompt: str) -> Calla
         from mmchat.runtime import Message
 
         record = state.manager.resolve(req.model)
-        if req.suffix:
-            raise ApiError(
-                400,
-                f"'suffix' (fill-in-the-middle) is not supported for {record.name}: "
-                "send the text before the gap as the prompt only",
-            )
         keep = parse_keep_alive(req.keep_alive, state.manager.default_keep_alive)
         params = _sampling(req, record)
         system = getattr(record, "system", None)
-        return Prepared(record, [Message("user", prompt)], system, params, None, keep)
+        infill = (prompt, req.suffix) if req.suffix else None
+        return Prepared(
+            record, [Message("user", prompt)], system, params, None, keep, infill=infill
+        )
 
     return run
 
