@@ -8,16 +8,17 @@ file's mean/std.
 
 InstructBLIP's rows depend on the instruction (the text of the message that carries the
 image): ``encode(image, prompt)`` tokenizes it with the Q-Former's own WordPiece vocabulary
-(stored in the vision GGUF) and the cache key is (image, instruction). BLIP-2's rows depend
-on the image only; ``prompt`` is ignored there.
+(stored in the vision GGUF) and the cache key is (image, instruction); ``bind(image, prompt)``
+gives the image the runtime passes instead (its digest is that key, it carries the
+instruction). BLIP-2's and MiniGPT-4's rows depend on the image only; ``prompt`` is ignored.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,16 @@ def blip_pixels(
 def instruction_key(digest: str, instruction: str) -> str:
     """Cache key of an InstructBLIP image: the image bytes' sha256 and the instruction."""
     return hashlib.sha256(f"{digest}\0{instruction}".encode()).hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class InstructedImage(PreparedImage):
+    """An image bound to the instruction the Q-Former reads with it (``QformerEngine.bind``):
+    its ``digest`` is ``instruction_key(image_digest, instruction)``, so every cache keyed by
+    digest (the engine's, the runtime's prompt cache) tells two instructions apart."""
+
+    image_digest: str = ""
+    instruction: str = ""
 
 
 def _string_array(path: Path, key: str) -> list[str]:
@@ -153,6 +164,26 @@ class QformerEngine(VisionEngine):
             raise UserError("this model's Q-Former reads no instruction")
         return self.tokenizer.encode(prompt, max_length=min(self.max_text, self.info.n_text_max))
 
+    def bind(self, image: PreparedImage, instruction: str) -> PreparedImage:
+        """``image`` as the runtime should pass it for a message with text ``instruction``
+        (InstructBLIP: an ``InstructedImage``; BLIP-2: ``image`` itself)."""
+        if self.tokenizer is None:
+            return image
+        return self._bind(image, instruction)
+
+    @staticmethod
+    def _bind(image: PreparedImage, instruction: str) -> InstructedImage:
+        base = image.image_digest if isinstance(image, InstructedImage) else image.digest
+        return InstructedImage(
+            digest=instruction_key(base, instruction),
+            width=image.width,
+            height=image.height,
+            source=image.source,
+            image=image.image,
+            image_digest=base,
+            instruction=instruction,
+        )
+
     def encode(self, image: PreparedImage, prompt: str | None = None) -> ImageEmbedding:
         """The rows the LLM receives for ``image``; for InstructBLIP ``prompt`` is the
         instruction the Q-Former reads (required), cached per (image, instruction)."""
@@ -164,23 +195,28 @@ class QformerEngine(VisionEngine):
         if self.tokenizer is None:
             return super().encode_many(images)
         if prompts is None:
-            raise UserError(
-                "InstructBLIP's image rows depend on the instruction: the vision engine needs "
-                "the text of the message that carries the image (encode(image, prompt))"
-            )
-        if len(prompts) != len(images):
-            raise ValueError("one prompt per image")
-        keyed = []
+            unbound = [img for img in images if not isinstance(img, InstructedImage)]
+            if unbound:
+                raise UserError(
+                    "InstructBLIP's image rows depend on the instruction: the vision engine "
+                    "needs the text of the message that carries the image (encode(image, "
+                    "prompt), or an image from bind(image, prompt))"
+                )
+            bound = [img for img in images if isinstance(img, InstructedImage)]
+        else:
+            if len(prompts) != len(images):
+                raise ValueError("one prompt per image")
+            bound = [self._bind(img, p) for img, p in zip(images, prompts, strict=True)]
+        keyed: list[PreparedImage] = []
         with self._lock:
-            for img, prompt in zip(images, prompts, strict=True):
-                key = instruction_key(img.digest, prompt)
-                self._tokens[key] = self.instruction_ids(prompt)
-                keyed.append(dataclasses.replace(img, digest=key))
+            for b in bound:
+                self._tokens[b.digest] = self.instruction_ids(b.instruction)
+                keyed.append(b)
             try:
                 return super().encode_many(keyed)
             finally:
-                for img in keyed:
-                    self._tokens.pop(img.digest, None)
+                for k in keyed:
+                    self._tokens.pop(k.digest, None)
 
     def _encode_batch(self, images: Sequence[PreparedImage]) -> list[ImageEmbedding]:
         from mmchat.native import NativeError
