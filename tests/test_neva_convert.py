@@ -129,7 +129,7 @@ def test_image_rows_and_logits_match_neva(name: str, outroot: str) -> None:
     assert rows.shape == gold["rows"].shape
     assert rel_l2(rows, gold["rows"]) < 2e-3
     ids = [int(x) for x in gold["ids"]]
-    got = decode_with_image(model, ids, int(gold["first"]), gold["rows"])
+    got = decode_with_image(model, ids, int(gold["first"]), rows)  # our rows, end to end
     assert rel_l2(got, gold["logits"]) < 2e-3
     assert int(np.argmax(got)) == int(np.argmax(gold["logits"]))
 
@@ -285,3 +285,46 @@ def test_missing_vision_tower(tmp_path: Path) -> None:
             FX / "neva_llama_linear.nemo", outdir=tmp_path / "o", vision_tower=tmp_path / "nope"
         )
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+@needs_torch
+@pytest.mark.parametrize("name", NAMES)
+def test_q8_0_keeps_top1(name: str, tmp_path: Path) -> None:
+    from mmchat.converters import convert
+
+    gold = np.load(FX / f"{name}.goldens.npz")
+    r = convert(FX / f"{name}.nemo", outdir=tmp_path, quant="q8_0", vision_tower=FX / "clip_tower")
+    ids = [int(x) for x in gold["ids"]]
+    got = decode_with_image(r.model_path, ids, int(gold["first"]), gold["rows"])
+    assert int(np.argmax(got)) == int(np.argmax(gold["logits"]))
+    assert rel_l2(got, gold["logits"]) < 0.05  # as the LLaVA fixtures at q8_0
+
+
+@needs_torch
+def test_cli_convert_then_run_with_an_image(tmp_path: Path) -> None:
+    """``mmchat convert model.nemo`` registers the model; ``mmchat run`` answers about an
+    image through the NeVA template and the linear projector on libmmvision."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(FX / "image.png", tmp_path / "image.png")
+    env = dict(os.environ, MMCHAT_HOME=str(tmp_path / "home"), COLUMNS="200")
+    conv = subprocess.run(
+        [sys.executable, "-m", "mmchat", "convert", str(FX / "neva_llama_linear.nemo"),
+         "--vision-tower", str(FX / "clip_tower"), "-o", str(tmp_path / "out"),
+         "--name", "neva-tiny", "-q", "q8_0"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert conv.returncode == 0, conv.stderr
+    assert "neva-tiny" in conv.stdout
+    run = subprocess.run(
+        [sys.executable, "-m", "mmchat", "run", "neva-tiny", "--max-tokens", "3",
+         "--temperature", "0", "Describe ./image.png"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "Added image './image.png'" in run.stderr
