@@ -237,6 +237,8 @@ def _text_kv(
         if vocab.chat_template:
             w.add_chat_template(vocab.chat_template)
         w.add_bool("mmchat.tokenizer.legacy_spaces", plan.legacy_spaces)
+        if plan.space_after_image is not None:
+            w.add_bool("mmchat.tokenizer.space_after_image", plan.space_after_image)
 
     return add
 

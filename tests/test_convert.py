@@ -176,7 +176,9 @@ def test_text_metadata_and_chat_templates() -> None:
     assert len(GGUFReader(model).fields["tokenizer.ggml.token_type"].data) == n_vocab
 
     orig, _ = converted("llava15_orig", "f32", "f32")
-    assert fields(orig)["mmchat.tokenizer.legacy_spaces"] is True  # chunked tokenization
+    # chunked tokenization: "▁" after the image; its legacy=false tokenizer: none after </s>
+    assert fields(orig)["mmchat.tokenizer.space_after_image"] is True
+    assert fields(orig)["mmchat.tokenizer.legacy_spaces"] is False
     tmpl = fields(orig)["tokenizer.chat_template"]  # no template shipped: LLaVA's own format
     env = jinja2.Environment()
     msgs = [

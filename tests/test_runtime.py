@@ -144,7 +144,7 @@ def test_image_prompt_tokenization_equals_golden_ids(fixture: str, key: str, leg
     model = model_for(fixture)
     # llava-hf: the HF tokenizer (legacy=False) gives the text after <image> no "▁";
     # original LLaVA tokenized the chunk after the image on its own, with "▁".
-    assert model.legacy_spaces is legacy
+    assert model.tokenizer.space_after_media is legacy
     messages, system = mm_messages(entry["prompt"], arrays[entry["image_embeds"]])
     assert model.render(messages, system=system) == entry["prompt"].replace(
         "<image>", "<|mmchat-image-0|>"
@@ -483,3 +483,23 @@ def test_close_is_idempotent_and_unreferenced_models_are_freed() -> None:
     dropped = load_model(text, None, parity_options(n_ctx=256))
     del dropped
     gc.collect()
+
+
+def test_original_llava_spaces_after_the_image_but_not_after_eos() -> None:
+    """Original LLaVA tokenizes chunk by chunk around the image (so "▁" starts the text after
+    it) with its legacy=false slow tokenizer (no "▁" after </s> inside a chunk): two rules,
+    written by the converter as mmchat.tokenizer.space_after_image / legacy_spaces."""
+    model = model_for("llava15_orig")
+    hf = model_for("llava15_hf")
+    rows = np.zeros((4, model.n_embd), np.float32)
+    msgs = [
+        Message("user", "What is it?", [rows]),
+        Message("assistant", "A red circle."),
+        Message("user", "And the colour?"),
+    ]
+    after_image = model.prompt_segments(msgs)[2]
+    hf_after = hf.prompt_segments(msgs)[2]
+    assert model.detokenize(after_image[:1]) == " "  # "▁" then "\n"
+    assert after_image[1:] == hf_after  # the rest, after </s> included, as legacy=false
+    eos = hf_after.index(model.text.eos)
+    assert model.detokenize([hf_after[eos + 1]]) == "US"

@@ -98,6 +98,9 @@ class FamilyPlan:
     # Whether text right after an image / special token starts with SentencePiece's "▁"
     # in training (written as mmchat.tokenizer.legacy_spaces for the runtime).
     legacy_spaces: bool = True
+    # The text right after an image starts with "▁" (None: as after special tokens);
+    # written as mmchat.tokenizer.space_after_image.
+    space_after_image: bool | None = None
     # Extra mmproj metadata a family adds (e.g. LLaVA 1.6's grid pinpoints), written after
     # the vision spec's own keys: str -> string, bool -> bool, int -> uint32, float ->
     # float32, list of ints -> int32 array, list of floats -> float32 array, list of str ->

@@ -132,14 +132,9 @@ class _Original:
             vision_width=vis_hp.n_embd,
             text_width=text_hp.n_embd,
         )
-        if read_json_opt(folder / "tokenizer_config.json").get("legacy") is False:
-            # the slow tokenizer original LLaVA uses (use_fast=False) honours the flag inside
-            # a chunk: no "▁" after "</s>" there; the runtime has one rule for both
-            notes.append(
-                "tokenizer: original LLaVA starts the text after an image with \u2581 (chunked "
-                "tokenization, kept here) but, with this tokenizer's legacy=false, not the "
-                "text after </s> in a later turn; mmchat adds one there too"
-            )
+        # the slow tokenizer original LLaVA uses (use_fast=False) honours the legacy flag
+        # inside a chunk: with legacy=false no "▁" after "</s>" in a later turn
+        legacy = read_json_opt(folder / "tokenizer_config.json").get("legacy") is not False
         return FamilyPlan(
             family=self.name,
             architecture=(config.get("architectures") or [self.architectures[0]])[0],
@@ -159,7 +154,8 @@ class _Original:
             # LLaVA's tokenizer_image_token tokenizes the text around the image chunk by
             # chunk (each chunk with SentencePiece's dummy prefix, whatever the tokenizer's
             # legacy flag or tokenizer.json say), so the text after an image starts with "▁"
-            legacy_spaces=True,
+            legacy_spaces=legacy,
+            space_after_image=True,
         )
 
 

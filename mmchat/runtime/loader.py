@@ -30,6 +30,7 @@ def _projector_width(info: GGUFInfo) -> int | None:
 
 
 META_LEGACY_SPACES = "mmchat.tokenizer.legacy_spaces"
+META_SPACE_AFTER_IMAGE = "mmchat.tokenizer.space_after_image"
 
 
 def _legacy_spaces(info: GGUFInfo, text: _llama.TextModel, image_token: str) -> bool:
@@ -179,5 +180,11 @@ def load_model(
         vision=vision,
         template=tmpl,
         legacy_spaces=bool(legacy_spaces),
+        space_after_media=_bool_key(info, META_SPACE_AFTER_IMAGE),
         load_ms=load_ms,
     )
+
+
+def _bool_key(info: GGUFInfo, key: str) -> bool | None:
+    value = info.get(key)
+    return value if isinstance(value, bool) else None

@@ -112,6 +112,7 @@ class LoadedModel:
         template: ChatTemplate,
         legacy_spaces: bool,
         load_ms: float,
+        space_after_media: bool | None = None,
     ) -> None:
         self.path = path
         self.mmproj_path = mmproj_path
@@ -122,7 +123,7 @@ class LoadedModel:
         self._ctx: _llama.Context | None = ctx
         self._vision = vision
         self.template = template
-        self.tokenizer = PromptTokenizer(text, template, legacy_spaces)
+        self.tokenizer = PromptTokenizer(text, template, legacy_spaces, space_after_media)
         self.load_ms = load_ms
         self.lock = FairLock()
         self.n_seq = max(1, int(options.n_parallel))

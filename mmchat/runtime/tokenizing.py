@@ -16,10 +16,21 @@ from mmchat.runtime.template import ChatTemplate, ImageSlot
 
 
 class PromptTokenizer:
-    def __init__(self, text: _llama.TextModel, template: ChatTemplate, legacy_spaces: bool) -> None:
+    def __init__(
+        self,
+        text: _llama.TextModel,
+        template: ChatTemplate,
+        legacy_spaces: bool,
+        space_after_media: bool | None = None,
+    ) -> None:
         self.text = text
         self.template = template
         self.legacy_spaces = legacy_spaces
+        self.space_after_media = legacy_spaces if space_after_media is None else space_after_media
+        """Whether the text right after an image starts with SentencePiece's "▁" when that
+        differs from the rule after special tokens: original LLaVA tokenizes chunk by chunk
+        around the image (always "▁" there) with a ``legacy=false`` tokenizer (no "▁" after
+        ``</s>`` inside a chunk)."""
         """How text that follows a special token (``</s>``, ``<image>``) or an image is
         tokenized. True: as a fragment of its own, with SentencePiece's dummy-prefix "▁"
         (transformers' ``legacy=True`` tokenizers, original LLaVA's ``tokenizer_image_token``,
@@ -67,17 +78,20 @@ class PromptTokenizer:
                 return rest
         return plain
 
-    def _tokenize_piece(self, piece: str, *, at_start: bool) -> list[int]:
+    def _tokenize_piece(
+        self, piece: str, *, at_start: bool, after_media: bool = False
+    ) -> list[int]:
         bos_text = self.template.bos_token
         add_bos = at_start and self.text.add_bos and not (bos_text and piece.startswith(bos_text))
-        if self.legacy_spaces:
+        if self.legacy_spaces and (not after_media or self.space_after_media):
             return self.text.tokenize(piece, add_special=add_bos)
         out = [self.text.bos] if add_bos else []
         offset = 0
+        fresh = at_start or (after_media and self.space_after_media)
         for frag, special_id in self._special_split(piece):
             if special_id is not None:
                 out.append(special_id)
-            elif at_start and offset == 0:
+            elif fresh and offset == 0:
                 out.extend(self.text.tokenize(frag, add_special=False, parse_special=False))
             else:
                 out.extend(self._tokenize_continuation(frag))
@@ -96,7 +110,8 @@ class PromptTokenizer:
             if isinstance(piece, ImageSlot):
                 out.append(piece)
             else:
-                out.append(self._tokenize_piece(piece, at_start=(i == 0)))
+                after = i > 0 and isinstance(pieces[i - 1], ImageSlot)
+                out.append(self._tokenize_piece(piece, at_start=(i == 0), after_media=after))
         if pieces and isinstance(pieces[0], ImageSlot) and self.text.add_bos:
             out.insert(0, [self.text.bos])  # a prompt that starts with an image
         return out
