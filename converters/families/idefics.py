@@ -27,6 +27,7 @@ import numpy as np
 from mmchat.errors import CorruptFileError, UserError
 
 from ..checkpoint import Checkpoint, TensorRef, open_checkpoint
+from ..tokenizer import legacy_spaces_of
 from .base import (
     FamilyPlan,
     TensorJob,
@@ -46,8 +47,11 @@ IMAGE_TOKEN = "<image>"
 END_OF_UTTERANCE = "<end_of_utterance>"
 
 # IDEFICS (instruct) prompt format: "User:" + image chunks + text + "<end_of_utterance>\n",
-# "Assistant: " + reply + "<end_of_utterance>\n". One <image> marker per image: the runtime
-# puts IDEFICS's <fake_token_around_image> around each run of images.
+# "Assistant: " + reply + "<end_of_utterance>\n". The template writes one
+# <fake_token_around_image> before a run of images and one <image> marker per image; the
+# runtime lays each image out as its <image> token + <fake_token_around_image>
+# (mmchat.runtime.flamingo.idefics_layout), so two images read <fake><image><fake><image><fake>
+# as IDEFICS's processor writes them.
 _TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
@@ -57,7 +61,8 @@ _TEMPLATE = (
     "{%- set n_images = message['content'] | selectattr('type', 'equalto', 'image') "
     "| list | length -%}{%- endif -%}"
     "{%- if message['role'] == 'system' -%}{{ text + 'EOU\\n' }}"
-    "{%- elif message['role'] == 'user' -%}{{ 'User:' + '<image>' * n_images + text + 'EOU\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ 'User:' + ('<fake_token_around_image>' "
+    "if n_images else '') + '<image>' * n_images + text + 'EOU\\n' }}"
     "{%- else -%}{{ 'Assistant: ' + text + 'EOU\\n' }}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
@@ -366,6 +371,8 @@ class Idefics:
                     f"The tokenizer in {folder} has no {tok} token inside the model's "
                     f"{text_hp.n_vocab} rows; it is not an IDEFICS tokenizer"
                 )
+        legacy, tok_notes = legacy_spaces_of(folder)
+        notes += tok_notes
         eou = added.get(END_OF_UTTERANCE)
         has_eou = eou is not None and eou < text_hp.n_vocab
         vision = IdeficsVision(
@@ -395,9 +402,7 @@ class Idefics:
                 "pad_token_id": config.get("pad_token_id"),
             },
             notes=notes,
-            # IDEFICS tokenizes the whole prompt at once: text after an image chunk has no
-            # extra leading "▁"
-            legacy_spaces=False,
+            legacy_spaces=legacy,
         )
 
 

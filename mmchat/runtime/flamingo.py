@@ -1,0 +1,460 @@
+"""Flamingo-style models (IDEFICS v1) in the runtime: a second text backend beside libllama.
+
+IDEFICS does not put image rows into the token sequence: an image is one ``<image>`` token
+whose Perceiver rows feed the gated cross-attention blocks of the decoder (libmmvision's
+decoder, ``mmchat.native.decoder``). The pieces here fit the runtime's existing contracts:
+
+- :class:`FlamingoBackend` implements ``TextBackend`` (decode at explicit positions per
+  sequence, truncate by position, logits). ``decode_embeddings`` with rows of the *image*
+  width (the vision tower's, not the decoder's ``n_embd``) means "the image whose
+  ``<image>`` token sits at ``pos``": the backend registers the rows (cross-attention K/V
+  computed once) and decodes the ``<image>`` token there. Rows of width ``n_embd`` are
+  ordinary input embeddings.
+- :class:`IdeficsEngine` is the ``VisionEngine`` of projector type ``idefics``: IDEFICS
+  preprocessing (bicubic resize to the square input, CLIP mean/std), rows cached per image
+  like every engine, and the layout ``[image block of n_latents rows advancing ONE position,
+  <fake_token_around_image>]``: with the converter's template, which writes
+  ``<fake_token_around_image>`` once before each run of image markers, a message with two
+  images becomes ``<fake><image><fake><image><fake>``, as IDEFICS's processor writes it.
+- :class:`VocabModel` is the tokenizer: libllama reading only the vocabulary of the text
+  GGUF (``vocab_only``: the cross-attention tensors stop a full libllama load on purpose).
+- :func:`sample_logits` runs llama.cpp's sampler chain on a logits array.
+- :class:`IdeficsRuntime` ties them together for direct use and the parity tests
+  (``evaluate_ids``: a prompt as token ids with its images; ``generate``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mmchat.errors import CorruptFileError, UserError
+from mmchat.runtime import _llama
+from mmchat.runtime._llama import C, SamplerChain, TextModel
+from mmchat.vision.engine import ImageEmbedding, VisionEngine, read_mmproj_header
+from mmchat.vision.image import PreparedImage
+from mmchat.vision.layout import EmbedSpan, Layout, TextSpan
+
+PROJECTOR = "idefics"
+
+
+# --- tokenizer --------------------------------------------------------------------------
+
+
+class VocabModel(TextModel):
+    """The vocabulary of a text GGUF through libllama (``vocab_only``): tokenize,
+    detokenize, pieces, special tokens, end-of-generation, chat template."""
+
+    def __init__(self, path: str, *, verbose: bool = False) -> None:
+        _llama.ensure_backend(verbose)
+        params = C.llama_model_default_params()
+        params.vocab_only = True
+        _llama.clear_recent_errors()
+        ptr = C.llama_model_load_from_file(path.encode("utf-8"), params)
+        if not ptr:
+            why = _llama.recent_errors()
+            raise CorruptFileError(
+                f"llama.cpp cannot read the vocabulary of {path}" + (f": {why}" if why else "")
+            )
+        self.ptr = ptr
+        self.vocab = C.llama_model_get_vocab(ptr)
+        self.n_vocab = int(C.llama_vocab_n_tokens(self.vocab))
+        self.n_embd = int(C.llama_model_n_embd(ptr))
+        self.n_embd_inp = self.n_embd
+        self.n_pos_per_embd = 1
+        self.n_ctx_train = int(C.llama_model_n_ctx_train(ptr))
+        self.bos = int(C.llama_vocab_bos(self.vocab))
+        self.eos = int(C.llama_vocab_eos(self.vocab))
+        self.add_bos = bool(C.llama_vocab_get_add_bos(self.vocab))
+        self._piece_cache: dict[int, bytes] = {}
+
+
+# --- sampling ---------------------------------------------------------------------------
+
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+
+
+def sample_logits(chain: SamplerChain, logits: np.ndarray) -> int:
+    """Sample one token with a llama.cpp sampler chain from a logits vector (what
+    ``llama_sampler_sample`` does with a context's logits), and accept it."""
+    n = int(logits.shape[0])
+    data = np.zeros(n, dtype=_TOKEN_DATA)  # llama_token_data: id, logit, p
+    data["id"] = np.arange(n, dtype=np.int32)
+    data["logit"] = logits
+    cur = C.llama_token_data_array(
+        data.ctypes.data_as(ctypes.POINTER(C.llama_token_data)), n, -1, False
+    )
+    C.llama_sampler_apply(chain.ptr, ctypes.byref(cur))
+    if not 0 <= int(cur.selected) < int(cur.size):
+        raise RuntimeError("the sampler chain selected no token")
+    token = int(cur.data[int(cur.selected)].id)
+    C.llama_sampler_accept(chain.ptr, token)
+    return token
+
+
+# --- the decoder backend ----------------------------------------------------------------
+
+
+class FlamingoBackend:
+    """``TextBackend`` over libmmvision's cross-attention decoder (see the module doc)."""
+
+    def __init__(
+        self,
+        text_path: str | Path,
+        *,
+        n_ctx: int,
+        n_batch: int = 512,
+        n_seq: int = 1,
+        n_threads: int | None = None,
+        device: str | None = None,
+        image_token: int,
+        eos_token: int,
+        n_image_rows: int,
+        n_image_slots: int = 16,
+        kv_f16: bool = False,
+    ) -> None:
+        from mmchat.native.decoder import DecoderContext, DecoderModel
+        from mmchat.native.model import (
+            MMV_ERR_BACKEND,
+            MMV_ERR_INVALID_ARGUMENT,
+            MMV_ERR_OUT_OF_MEMORY,
+            NativeError,
+        )
+
+        threads = int(n_threads or _llama.usable_cpus())
+        try:
+            self.model = DecoderModel(text_path, device=device, n_threads=threads)
+            self.ctx = DecoderContext(
+                self.model,
+                n_ctx=n_ctx,
+                n_seq=n_seq,
+                n_batch=n_batch,
+                n_image_slots=n_image_slots,
+                n_image_rows=n_image_rows,
+                eos_token=eos_token,
+                kv_f16=kv_f16,
+            )
+        except NativeError as exc:
+            if exc.status in (MMV_ERR_INVALID_ARGUMENT, MMV_ERR_BACKEND, MMV_ERR_OUT_OF_MEMORY):
+                raise UserError(f"Cannot load {Path(text_path).name}: {exc}") from None
+            raise CorruptFileError(
+                f"Cannot load the IDEFICS text model {text_path}: {exc}"
+            ) from None
+        self.info = self.model.info
+        self.n_ctx = int(n_ctx)
+        self.n_batch = self.ctx.n_batch
+        self.n_ubatch = self.ctx.n_batch
+        self.n_threads = threads
+        self.image_token = int(image_token)
+        self._error = NativeError
+
+    @property
+    def n_pos_per_embd(self) -> int:
+        return 1
+
+    def _run(
+        self,
+        pos: np.ndarray,
+        *,
+        tokens: np.ndarray | None,
+        embd: np.ndarray | None,
+        logits_last: bool,
+        seq_id: int,
+    ) -> None:
+        n = len(pos)
+        for s in range(0, n, self.n_batch):
+            e = min(n, s + self.n_batch)
+            try:
+                self.ctx.decode(
+                    pos[s:e],
+                    tokens=None if tokens is None else tokens[s:e],
+                    embd=None if embd is None else embd[s:e],
+                    logits_last=logits_last and e == n,
+                    seq=seq_id,
+                )
+            except self._error as exc:
+                raise _llama.DecodeError(3, f"the IDEFICS decoder failed: {exc}") from None
+
+    @staticmethod
+    def _positions(pos: int | np.ndarray, n: int) -> np.ndarray:
+        if isinstance(pos, np.ndarray):
+            if pos.size != n:
+                raise ValueError(f"{pos.size} positions for {n} entries")
+            return pos.astype(np.int32)
+        return np.arange(int(pos), int(pos) + n, dtype=np.int32)
+
+    def decode_tokens(
+        self, tokens: np.ndarray, pos: int | np.ndarray, *, logits_last: bool, seq_id: int = 0
+    ) -> None:
+        toks = np.asarray(tokens, dtype=np.int32)
+        self._run(
+            self._positions(pos, len(toks)),
+            tokens=toks,
+            embd=None,
+            logits_last=logits_last,
+            seq_id=seq_id,
+        )
+
+    def decode_one(self, token: int, pos: int, seq_id: int = 0) -> None:
+        self.decode_tokens(np.array([token], dtype=np.int32), pos, logits_last=True, seq_id=seq_id)
+
+    def add_image(self, rows: np.ndarray, pos: int, seq_id: int = 0) -> None:
+        """Register an image whose ``<image>`` token is at ``pos`` (decode it afterwards)."""
+        try:
+            self.ctx.add_image(rows, int(pos), seq=seq_id)
+        except self._error as exc:
+            raise UserError(f"Cannot attach the image: {exc}") from None
+
+    def decode_embeddings(
+        self,
+        embd: np.ndarray,
+        pos: int | np.ndarray,
+        *,
+        logits_last: bool,
+        non_causal: bool = False,
+        seq_id: int = 0,
+    ) -> None:
+        if embd.ndim != 2:
+            raise ValueError(f"embeddings of shape {embd.shape}")
+        if embd.shape[1] == self.info.n_embd_image and embd.shape[1] != self.info.n_embd:
+            # an image: its rows go to the cross-attention, its <image> token to the sequence
+            p = int(pos if not isinstance(pos, np.ndarray) else pos.reshape(-1)[0])
+            self.add_image(embd, p, seq_id)
+            self.decode_tokens(
+                np.array([self.image_token], dtype=np.int32),
+                p,
+                logits_last=logits_last,
+                seq_id=seq_id,
+            )
+            return
+        if embd.shape[1] != self.info.n_embd:
+            raise ValueError(
+                f"rows of width {embd.shape[1]}: neither image rows ({self.info.n_embd_image}) "
+                f"nor input embeddings ({self.info.n_embd})"
+            )
+        if non_causal:
+            raise UserError("the IDEFICS decoder has no non-causal embedding input")
+        self._run(
+            self._positions(pos, len(embd)),
+            tokens=None,
+            embd=embd,
+            logits_last=logits_last,
+            seq_id=seq_id,
+        )
+
+    def pos_max(self, seq_id: int = 0) -> int:
+        return self.ctx.pos_max(seq_id)
+
+    def truncate(self, n_keep: int, seq_id: int = 0) -> bool:
+        self.ctx.truncate(max(0, int(n_keep)), seq_id)
+        return True
+
+    def clear(self) -> None:
+        self.ctx.clear()
+
+    def last_logits(self) -> np.ndarray:
+        return self.ctx.logits()
+
+    def sample(self, chain: SamplerChain) -> int:
+        """The generation step's sampling (llama.cpp's chain on this backend's logits)."""
+        return sample_logits(chain, self.last_logits())
+
+    def close(self) -> None:
+        self.ctx.close()
+        self.model.close()
+
+
+# --- the vision engine ------------------------------------------------------------------
+
+
+def idefics_pixels(
+    image: PreparedImage | Image.Image, size: int, mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
+    """IdeficsImageProcessor: RGB, bicubic resize to size x size (no crop, no padding),
+    /255, normalise; float32 [3, size, size]."""
+    img = image.image if isinstance(image, PreparedImage) else image
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    img = img.resize((size, size), Image.Resampling.BICUBIC)
+    a = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    a = (a - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32)
+
+
+class IdeficsEngine(VisionEngine):
+    """Projector type ``idefics`` on libmmvision: CLIP ViT + Perceiver rows per image."""
+
+    kind = "mmvision"
+
+    def __init__(
+        self,
+        mmproj: Path,
+        *,
+        n_threads: int | None = None,
+        device: str | None = None,
+        max_batch: int = 4,
+        cache: object | None = None,
+        disk_cache: bool | Path = False,
+    ) -> None:
+        from mmchat.native import NativeError, NativeVisionModel, load_library
+
+        super().__init__(mmproj, cache=cache, disk_cache=disk_cache)  # type: ignore[arg-type]
+        meta = read_mmproj_header(mmproj)
+        try:
+            self.image_token = int(meta.get("idefics.image_token_id"))
+            self.fake_token = int(meta.get("idefics.fake_token_id"))
+        except (TypeError, ValueError):
+            raise CorruptFileError(f"{mmproj} lacks idefics.image_token_id/fake_token_id") from None
+        try:
+            self.model = NativeVisionModel(
+                load_library(), mmproj, device=device, n_threads=n_threads, max_batch=max_batch
+            )
+        except NativeError as exc:
+            raise CorruptFileError(f"Cannot load projector {mmproj}: {exc}") from None
+        info = self.model.info
+        if info.projector_type != PROJECTOR:
+            self.model.close()
+            raise UserError(f"{mmproj.name} is a '{info.projector_type}' projector, not IDEFICS")
+        self.info = info
+        self.projector_type = info.projector_type
+        self.n_embd = info.n_embd
+        self.image_size = info.image_size
+
+    def tokens_for(self, image: PreparedImage) -> int:
+        return self.info.n_tokens
+
+    def layout(self, image: PreparedImage) -> Layout:
+        return idefics_layout(self.info.n_tokens, self.fake_token)
+
+    def pixels(self, image: PreparedImage) -> np.ndarray:
+        return idefics_pixels(
+            image, self.info.image_size, self.info.image_mean, self.info.image_std
+        )
+
+    def _encode_batch(self, images: Sequence[PreparedImage]) -> list[ImageEmbedding]:
+        t0 = time.perf_counter()
+        rows = self.model.encode(np.stack([self.pixels(im) for im in images]))
+        ms = (time.perf_counter() - t0) * 1000.0 / max(1, len(images))
+        return [
+            ImageEmbedding(
+                digest=im.digest,
+                embeddings=np.ascontiguousarray(rows[i]),
+                layout=self.layout(im),
+                encode_ms=ms,
+            )
+            for i, im in enumerate(images)
+        ]
+
+    def _close(self) -> None:
+        self.model.close()
+
+
+def idefics_layout(n_rows: int, fake_token: int) -> Layout:
+    """An IDEFICS image in the prompt: the ``<image>`` token carrying ``n_rows`` rows (one
+    position), then ``<fake_token_around_image>``."""
+    return (EmbedSpan(int(n_rows), 1), TextSpan((int(fake_token),)))
+
+
+# --- direct use ---------------------------------------------------------------------------
+
+
+@dataclass
+class IdeficsRuntime:
+    """Tokenizer, vision engine and decoder of one converted IDEFICS model."""
+
+    vocab: VocabModel
+    engine: IdeficsEngine
+    backend: FlamingoBackend
+
+    @classmethod
+    def open(
+        cls,
+        text_path: str | Path,
+        mmproj_path: str | Path,
+        *,
+        n_ctx: int = 2048,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+        device: str | None = None,
+    ) -> IdeficsRuntime:
+        engine = IdeficsEngine(Path(mmproj_path), n_threads=n_threads, device=device)
+        try:
+            vocab = VocabModel(str(text_path))
+        except BaseException:
+            engine.close()
+            raise
+        try:
+            backend = FlamingoBackend(
+                text_path,
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_threads=n_threads,
+                device=device,
+                image_token=engine.image_token,
+                eos_token=vocab.eos,
+                n_image_rows=engine.info.n_tokens,
+            )
+        except BaseException:
+            vocab.close()
+            engine.close()
+            raise
+        if backend.info.n_embd_image != engine.n_embd:
+            backend.close()
+            vocab.close()
+            engine.close()
+            raise UserError(
+                f"{Path(mmproj_path).name} gives image rows of width {engine.n_embd} but the "
+                f"decoder reads {backend.info.n_embd_image}: the files do not belong together"
+            )
+        return cls(vocab, engine, backend)
+
+    def prefill(self, ids: Sequence[int], images: Sequence[np.ndarray], seq_id: int = 0) -> None:
+        """Decode a prompt given as token ids with its ``<image>`` tokens in place and the
+        image rows in their order (the sequence is cleared first)."""
+        slots = [i for i, t in enumerate(ids) if t == self.engine.image_token]
+        if len(slots) != len(images):
+            raise UserError(f"{len(slots)} <image> tokens but {len(images)} images")
+        self.backend.truncate(0, seq_id)
+        start = 0
+        for p, rows in zip(slots, images, strict=True):
+            if p > start:
+                self.backend.decode_tokens(
+                    np.asarray(ids[start:p]), start, logits_last=False, seq_id=seq_id
+                )
+            self.backend.decode_embeddings(rows, p, logits_last=p == len(ids) - 1, seq_id=seq_id)
+            start = p + 1
+        if start < len(ids):
+            self.backend.decode_tokens(
+                np.asarray(ids[start:]), start, logits_last=True, seq_id=seq_id
+            )
+
+    def evaluate_ids(self, ids: Sequence[int], images: Sequence[np.ndarray]) -> np.ndarray:
+        """Final logits of a prompt (see ``prefill``)."""
+        self.prefill(ids, images)
+        return self.backend.last_logits()
+
+    def generate(
+        self, ids: Sequence[int], images: Sequence[np.ndarray], n: int, chain: SamplerChain
+    ) -> list[int]:
+        self.prefill(ids, images)
+        out: list[int] = []
+        pos = len(ids)
+        for _ in range(n):
+            tok = self.backend.sample(chain)
+            out.append(tok)
+            if self.vocab.is_eog(tok):
+                break
+            self.backend.decode_one(tok, pos)
+            pos += 1
+        return out
+
+    def close(self) -> None:
+        self.backend.close()
+        self.engine.close()
+        self.vocab.close()
