@@ -10,6 +10,7 @@ from mmchat.errors import UserError
 from .base import Family, FamilyPlan, TensorJob, TextHParams, VisionSpec
 from .clip import VisionHParams
 from .idefics import FAMILIES as IDEFICS
+from .internvl_hf import FAMILIES as INTERNVL_HF
 from .llava_hf import LlavaHF
 from .llava_next import FAMILIES as LLAVA_NEXT
 from .llava_original import LlavaLlama, LlavaMistral
@@ -26,6 +27,7 @@ FAMILIES: tuple[type[Family], ...] = (
     *QFORMER,
     *IDEFICS,
     *NVLM,
+    *INTERNVL_HF,
 )
 
 

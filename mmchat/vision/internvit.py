@@ -1,4 +1,5 @@
-"""NVLM-D vision files (projector type ``internvit``) on libmmvision: dynamic tiles, tile tags.
+"""NVLM-D and InternVL vision files (projector type ``internvit``) on libmmvision: dynamic
+tiles, tile tags.
 
 Pixels as InternVL's ``load_image`` / ``dynamic_preprocess`` make them: the grid (cols x rows
 of 448-px tiles, 1 to ``max_tiles`` tiles) whose aspect ratio is closest to the image's (ties:
@@ -14,6 +15,8 @@ is laid out as NVLM-D was trained::
 
 (a lone tile is tagged ``<tile_global_thumbnail>``); the tags are tokenized as plain text, each
 piece between two blocks of rows on its own (``<Image>`` and the first tag together).
+transformers' InternVL (prompt style ``internvl``) wraps all tiles' rows in its special
+tokens instead: ``<img>`` rows … ``</img>``.
 """
 
 from __future__ import annotations
@@ -85,7 +88,19 @@ def tile_tags(n_tiles: int) -> list[str]:
     return [f"<tile_{i}>" for i in range(1, n_tiles)] + ["<tile_global_thumbnail>"]
 
 
-def _llama_tokenizer(llama_model: int) -> Tokenize:
+# internvit.prompt_style values: NVLM-D tile tags (plain text), InternVL <img>…</img> (special)
+STYLES = ("nvlm", "internvl")
+
+
+def wrapper_pieces(style: str, n_tiles: int) -> list[str]:
+    """The text before each tile's rows, then the text after the last."""
+    if style == "nvlm":
+        tags = tile_tags(n_tiles)
+        return ["<Image>" + tags[0], *tags[1:], "</Image>"]
+    return ["<img>", *([""] * (n_tiles - 1)), "</img>"]
+
+
+def _llama_tokenizer(llama_model: int, *, special: bool) -> Tokenize:
     import llama_cpp
 
     vocab = llama_cpp.llama_model_get_vocab(ctypes.c_void_p(llama_model))
@@ -94,7 +109,7 @@ def _llama_tokenizer(llama_model: int) -> Tokenize:
         data = text.encode("utf-8")
         cap = len(data) + 8
         buf = (llama_cpp.llama_token * cap)()
-        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, cap, False, False)
+        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, cap, False, special)
         if n < 0:
             raise UserError(f"cannot tokenize the tile tag {text!r}")
         return [int(buf[i]) for i in range(n)]
@@ -133,12 +148,14 @@ class InternVitEngine(VisionEngine):
         self.max_tiles = int(meta.get("internvit.tiling.max_tiles", 6))
         self.use_thumbnail = bool(meta.get("internvit.tiling.use_thumbnail", True))
         style = str(meta.get("internvit.prompt_style", "nvlm"))
-        if style != "nvlm":
+        if style not in STYLES:
             raise UserError(f"{mmproj.name}: prompt style {style!r} is not supported (nvlm)")
+        self.style = style
         if not 1 <= self.min_tiles <= self.max_tiles <= 40:
             raise CorruptFileError(f"{mmproj}: tile bounds {self.min_tiles}..{self.max_tiles}")
         if tokenize is None and llama_model:
-            tokenize = _llama_tokenizer(llama_model)
+            # NVLM-D's tags are plain text; InternVL's <img>, </img> are special tokens
+            tokenize = _llama_tokenizer(llama_model, special=style == "internvl")
         self._tokenize = tokenize
         self._tag_ids: dict[str, tuple[int, ...]] = {}
         try:
@@ -188,6 +205,8 @@ class InternVitEngine(VisionEngine):
         return self.n_tiles(image) * self.info.n_tokens
 
     def _ids(self, text: str) -> tuple[int, ...]:
+        if not text:
+            return ()
         if text not in self._tag_ids:
             if self._tokenize is None:
                 raise UserError(
@@ -197,12 +216,13 @@ class InternVitEngine(VisionEngine):
         return self._tag_ids[text]
 
     def layout(self, image: PreparedImage) -> Layout:
-        tags = tile_tags(self.n_tiles(image))
-        pieces = ["<Image>" + tags[0], *tags[1:], "</Image>"]
+        pieces = wrapper_pieces(self.style, self.n_tiles(image))
         block = EmbedSpan(self.info.n_tokens)
         out: list[TextSpan | EmbedSpan] = []
         for i, piece in enumerate(pieces):
-            out.append(TextSpan(self._ids(piece)))
+            ids = self._ids(piece)
+            if ids:
+                out.append(TextSpan(ids))
             if i + 1 < len(pieces):
                 out.append(block)
         return tuple(out)
