@@ -19,6 +19,8 @@ separately. Pipeline stages number their layers from 0; they are renumbered in s
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import shutil
 import tarfile
@@ -261,7 +263,9 @@ class NemoArchive:
             )
         files: dict[tuple[int, int], _TorchFile] = {}
         for tp, pp, name in shards:
-            files[(tp, pp)] = _TorchFile(self.extract(name, f"tp{tp}_pp{pp}.ckpt"))
+            path = self.extract(name, f"tp{tp}_pp{pp}.ckpt")
+            with _bytesio_allowed():
+                files[(tp, pp)] = _TorchFile(path)
         merged = _MergedReader(self)
         refs: dict[str, TensorRef] = {}
         layer_offset = 0
@@ -312,6 +316,19 @@ class NemoArchive:
             raise CorruptFileError(f"{self.path}: the weights hold no tensors")
         self.tp, self.pp = len(tps), len(pps)
         return Checkpoint(refs, [f.path for f in files.values()])
+
+
+def _bytesio_allowed() -> contextlib.AbstractContextManager[Any]:
+    """Transformer Engine layers save their ``_extra_state`` (FP8 metadata) as io.BytesIO;
+    let ``torch.load(weights_only=True)`` rebuild it and ``bytes`` (its pickled argument),
+    both inert: a BytesIO is made from bytes and runs nothing. Everything else stays
+    refused."""
+    try:
+        import torch
+
+        return torch.serialization.safe_globals([io.BytesIO, bytes])
+    except (ImportError, AttributeError):  # no torch: _TorchFile says what to install
+        return contextlib.nullcontext()
 
 
 def is_nemo2_folder(path: Path) -> bool:

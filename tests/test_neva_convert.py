@@ -328,3 +328,136 @@ def test_cli_convert_then_run_with_an_image(tmp_path: Path) -> None:
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "Added image './image.png'" in run.stderr
+
+
+# --- the same weights in the other layouts NeMo writes (rewritten from the fixtures) ------
+
+
+def _load_ckpt(data: bytes) -> dict[str, Any]:
+    import torch
+
+    with torch.serialization.safe_globals([io.BytesIO, bytes]):
+        sd: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=True)
+    return sd
+
+
+def _save_ckpt(sd: dict[str, Any]) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    return buf.getvalue()
+
+
+def _pp2(cfg: dict[str, Any], shards: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Pipeline-parallel 2: layer 0 + embeddings + projector, then layer 1 (numbered 0 in
+    its stage, as Megatron does) + final norm + output layer."""
+    (sd,) = shards.values()
+    first: dict[str, Any] = {}
+    second: dict[str, Any] = {}
+    for k, v in sd.items():
+        if ".layers.1." in k:
+            second[k.replace(".layers.1.", ".layers.0.")] = v
+        elif "final_layernorm" in k or "output_layer" in k:
+            second[k] = v
+        else:
+            first[k] = v
+    cfg["pipeline_model_parallel_size"] = 2
+    return {"tp_rank_00_pp_rank_000": first, "tp_rank_00_pp_rank_001": second}
+
+
+def _o2(cfg: dict[str, Any], shards: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """megatron_amp_O2: every key under model.module."""
+    cfg["megatron_amp_O2"] = True
+    return {d: {"model.module." + k[6:]: v for k, v in sd.items()} for d, sd in shards.items()}
+
+
+def _local_norms(
+    cfg: dict[str, Any], shards: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Megatron-core's local spec: layer norms as their own modules."""
+    ren = {
+        "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+        "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    }
+    out = {}
+    for d, sd in shards.items():
+        new = {}
+        for k, v in sd.items():
+            for a, b in ren.items():
+                k = k.replace(a, b)
+            new[k] = v
+        out[d] = new
+    return out
+
+
+def _fast_swiglu(
+    cfg: dict[str, Any], shards: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """The older layout with 'fast-swiglu': dense_h_to_4h holds [gate_r; up_r] per shard."""
+    import torch
+
+    cfg["activation"] = "fast-swiglu"
+    out = {}
+    for d, sd in shards.items():
+        new = dict(sd)
+        for k in [k for k in sd if k.endswith("dense_h_to_4h_2.weight")]:
+            gate = k.replace("dense_h_to_4h_2", "dense_h_to_4h")
+            new[gate] = torch.cat([sd[gate], sd[k]])
+            del new[k]
+        out[d] = new
+    return out
+
+
+VARIANTS = {
+    "pp2": ("neva_llama_linear", _pp2),
+    "o2": ("neva_llama_linear", _o2),
+    "local_norms": ("neva_llama_down", _local_norms),
+    "fast_swiglu": ("neva_llama_tp2", _fast_swiglu),
+}
+
+
+@needs_torch
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_other_layouts_convert_to_the_same_model(variant: str, tmp_path: Path) -> None:
+    import yaml
+    from mmchat.converters import convert
+
+    name, edit = VARIANTS[variant]
+    with tarfile.open(FX / f"{name}.nemo") as tar:
+        members = {
+            m.name.removeprefix("./"): tar.extractfile(m).read()  # type: ignore[union-attr]
+            for m in tar.getmembers()
+            if m.isfile()
+        }
+    cfg = yaml.safe_load(members.pop("model_config.yaml"))
+    shards = {
+        k.rpartition("/")[0]: _load_ckpt(members.pop(k))
+        for k in [k for k in members if k.endswith("model_weights.ckpt")]
+    }
+    for d, sd in edit(cfg, shards).items():
+        members[f"{d}/model_weights.ckpt" if d else "model_weights.ckpt"] = _save_ckpt(sd)
+    members = {"model_config.yaml": yaml.safe_dump(cfg).encode(), **members}
+    src = _tar(tmp_path / f"{variant}.nemo", members)
+    r = convert(src, outdir=tmp_path / "o", quant="f32", vision_tower=FX / "clip_tower")
+    gold = np.load(FX / f"{name}.goldens.npz")
+    ids = [int(x) for x in gold["ids"]]
+    got = decode_with_image(r.model_path, ids, int(gold["first"]), gold["rows"])
+    assert rel_l2(got, gold["logits"]) < 2e-3
+
+
+@needs_torch
+def test_code_in_the_weights_pickle_is_refused(tmp_path: Path) -> None:
+    import os
+
+    import torch
+
+    class Evil:
+        def __reduce__(self) -> tuple[Any, tuple[str]]:
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    buf = io.BytesIO()
+    torch.save({"model.embedding.word_embeddings.weight": torch.ones(2, 2), "x": Evil()}, buf)
+    members = {"model_config.yaml": b"mm_cfg: {}\n", "model_weights.ckpt": buf.getvalue()}
+    _convert_fails(_tar(tmp_path / "e.nemo", members), tmp_path / "o", "cannot be loaded safely")
+    assert not (tmp_path / "pwned").exists()
