@@ -227,3 +227,44 @@ def test_image_misuse_is_refused(runtime: Any) -> None:
         be.add_image(np.zeros((7, 48), np.float32), 5)  # more rows than an image has
     be.clear()
     assert be.ctx.n_images() == 0
+
+
+def test_two_sequences_in_one_context(outdir: Path) -> None:
+    """Parallel serving: each sequence has its own cache cells and images; one mixed batch
+    decodes the last token of both."""
+    from mmchat.runtime.flamingo import FlamingoBackend
+
+    meta, g = goldens()
+    text, _ = files(outdir)
+    be = FlamingoBackend(
+        text,
+        n_ctx=64,
+        n_seq=2,
+        n_threads=2,
+        device="cpu",
+        image_token=513,
+        eos_token=2,
+        n_image_rows=6,
+    )
+    try:
+        names = ["one_image", "two_images"]
+        last, pos = [], []
+        for s, name in enumerate(names):
+            p = meta["prompts"][name]
+            ids, rows, k = p["input_ids"], latents(p["images"]), 0
+            for i, t in enumerate(ids[:-1]):
+                if t == meta["image_token_id"]:
+                    be.decode_embeddings(rows[k], i, logits_last=False, seq_id=s)
+                    k += 1
+                else:
+                    be.decode_tokens(np.asarray([t]), i, logits_last=False, seq_id=s)
+            last.append(ids[-1])
+            pos.append(len(ids) - 1)
+        be.decode_mixed(
+            np.asarray(last), np.asarray(pos), np.asarray([0, 1]), np.asarray([True, True])
+        )
+        for s, name in enumerate(names):
+            assert rel_l2(be.logits_at(s), g[f"prompt/{name}/logits"][-1]) < 1e-4, name
+        assert be.ctx.n_images(0) == 1 and be.ctx.n_images(1) == 2
+    finally:
+        be.close()

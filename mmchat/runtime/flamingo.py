@@ -6,10 +6,10 @@ decoder, ``mmchat.native.decoder``). The pieces here fit the runtime's existing 
 
 - :class:`FlamingoBackend` implements ``TextBackend`` (decode at explicit positions per
   sequence, truncate by position, logits). ``decode_embeddings`` with rows of the *image*
-  width (the vision tower's, not the decoder's ``n_embd``) means "the image whose
-  ``<image>`` token sits at ``pos``": the backend registers the rows (cross-attention K/V
-  computed once) and decodes the ``<image>`` token there. Rows of width ``n_embd`` are
-  ordinary input embeddings.
+  width (the vision tower's: 1280 for IDEFICS's ViT-H, the decoder's ``n_embd`` is 4096 or
+  8192) means "the image whose ``<image>`` token sits at ``pos``": the backend registers the
+  rows (cross-attention K/V computed once) and decodes the ``<image>`` token there. Rows of
+  width ``n_embd`` (when it differs) are ordinary input embeddings.
 - :class:`IdeficsEngine` is the ``VisionEngine`` of projector type ``idefics``: IDEFICS
   preprocessing (bicubic resize to the square input, CLIP mean/std), rows cached per image
   like every engine, and the layout ``[image block of n_latents rows advancing ONE position,
@@ -153,6 +153,7 @@ class FlamingoBackend:
         self.n_threads = threads
         self.image_token = int(image_token)
         self._error = NativeError
+        self._mixed: dict[int, np.ndarray] = {}
 
     @property
     def n_pos_per_embd(self) -> int:
@@ -222,7 +223,7 @@ class FlamingoBackend:
     ) -> None:
         if embd.ndim != 2:
             raise ValueError(f"embeddings of shape {embd.shape}")
-        if embd.shape[1] == self.info.n_embd_image and embd.shape[1] != self.info.n_embd:
+        if embd.shape[1] == self.info.n_embd_image:
             # an image: its rows go to the cross-attention, its <image> token to the sequence
             p = int(pos if not isinstance(pos, np.ndarray) else pos.reshape(-1)[0])
             self.add_image(embd, p, seq_id)
@@ -247,6 +248,36 @@ class FlamingoBackend:
             logits_last=logits_last,
             seq_id=seq_id,
         )
+
+    def decode_mixed(
+        self, tokens: np.ndarray, pos: np.ndarray, seq_ids: np.ndarray, logits: np.ndarray
+    ) -> None:
+        """Tokens of several sequences (parallel serving), as ``_llama.Context.decode_mixed``:
+        each sequence's entries are decoded in order, and the logits of the entries
+        ``logits`` marks are kept for ``logits_at(i)``."""
+        toks = np.asarray(tokens, dtype=np.int32)
+        p = np.asarray(pos, dtype=np.int32)
+        seqs = np.asarray(seq_ids, dtype=np.int32)
+        want = np.asarray(logits, dtype=bool)
+        self._mixed = {}
+        for s in dict.fromkeys(int(x) for x in seqs):
+            idx = np.flatnonzero(seqs == s)
+            start = 0
+            for k, i in enumerate(idx):
+                if want[i] or k == len(idx) - 1:
+                    chunk = idx[start : k + 1]
+                    self._run(
+                        p[chunk], tokens=toks[chunk], embd=None, logits_last=bool(want[i]), seq_id=s
+                    )
+                    if want[i]:
+                        self._mixed[int(i)] = self.ctx.logits()
+                    start = k + 1
+
+    def logits_at(self, i: int) -> np.ndarray:
+        """Logits of entry ``i`` of the last ``decode_mixed``."""
+        if i not in self._mixed:
+            raise RuntimeError(f"no logits were computed for batch entry {i}")
+        return self._mixed[i]
 
     def pos_max(self, seq_id: int = 0) -> int:
         return self.ctx.pos_max(seq_id)
