@@ -310,9 +310,15 @@ class LoadedModel:
         media: list[ImageInput] = []
         if system:
             tmsgs.append(TemplateMessage("system", system))
+        bind = getattr(self._vision, "bind", None)
         for m in messages:
             tmsgs.append(TemplateMessage(m.role, m.content, len(m.images)))
-            media.extend(m.images)
+            for item in m.images:
+                # an engine whose rows depend on the text (InstructBLIP's Q-Former reads the
+                # instruction) gets each image bound to the text of the message carrying it,
+                # in every later turn too; its cache key includes that text
+                raw = not isinstance(item, np.ndarray) and getattr(item, "embeddings", None) is None
+                media.append(bind(item, m.content) if bind is not None and raw else item)
         return tmsgs, media
 
     def render(
