@@ -24,7 +24,13 @@ from mmchat.errors import UserError
 from mmchat.vision.synthetic import rel_l2
 
 FX = Path(__file__).parent / "fixtures" / "neva"
-NAMES = ["neva_llama_linear", "neva_llama_tp2", "neva_nemotron_tp2", "neva_llama_down"]
+NAMES = [
+    "neva_llama_linear",
+    "neva_llama_tp2",
+    "neva_nemotron_tp2",
+    "neva_llama_down",
+    "neva_llama3",
+]
 
 try:
     import torch  # noqa: F401

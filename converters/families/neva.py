@@ -38,6 +38,7 @@ from mmchat.errors import CorruptFileError, UserError
 
 from ..checkpoint import Checkpoint, TensorRef, open_checkpoint
 from ..nemo_archive import NEMO2_MESSAGE, NemoArchive, is_nemo2_folder
+from ..tokenizer import Vocab, read_sentencepiece
 from .base import (
     FamilyPlan,
     TensorJob,
@@ -51,7 +52,8 @@ from .base import (
 from .clip import VisionHParams, clip_vision_plan
 from .llama_text import _permute_rope
 from .llava_original import _tower_config, resolve_tower
-from .neva_templates import neva_template, turn_end_token
+from .neva_templates import adds_dummy_prefix, hf_tokenizer, neva_template, turn_end_token
+from .qwen2_text import load_bpe_vocab
 
 _ADAPTER = "adapter_layer.mm_projector_adapter.mm_projector."
 
@@ -397,21 +399,6 @@ def projector_plan(
     )
 
 
-def _adds_dummy_prefix(path: Path) -> bool:
-    """NormalizerSpec.add_dummy_prefix of a SentencePiece model (default true)."""
-    from ..tokenizer import _fields
-
-    try:
-        for num, wt, val in _fields(path.read_bytes()):
-            if num == 3 and wt == 2:  # normalizer_spec
-                for n2, w2, v2 in _fields(val):
-                    if n2 == 3 and w2 == 0:
-                        return bool(v2)
-    except (OSError, ValueError) as exc:
-        raise CorruptFileError(f"{path} is not a valid SentencePiece model: {exc}") from exc
-    return True
-
-
 class NevaFamily:
     name: ClassVar[str] = "neva"
     architectures: ClassVar[tuple[str, ...]] = ()
@@ -437,19 +424,28 @@ class NevaFamily:
         notes: list[str] = []
         text_hp, text_jobs = text_plan(arc.weights, cfg)
 
-        # tokenizer: the SentencePiece model inside the archive
+        # tokenizer: the SentencePiece model inside the archive, or (Llama-3) the Hugging Face
+        # tokenizer the config names
         tok = cfg.get("tokenizer") or {}
         library = str(tok.get("library", "sentencepiece"))
         model_ref = str(tok.get("model") or tok.get("tokenizer_model") or "")
-        if library != "sentencepiece" or not model_ref:
+        tok_path: Path | None = None
+        if library == "sentencepiece" and model_ref:
+            member = arc.find(Path(model_ref.removeprefix("nemo:")).name)
+            if member is None:
+                raise CorruptFileError(
+                    f"{folder.name} does not contain its tokenizer {model_ref!r}"
+                )
+            tok_path = arc.extract(member, "tokenizer.model")
+            tok_dir = tok_path.parent
+        elif library == "huggingface" and tok.get("type"):
+            tok_dir = hf_tokenizer(str(tok["type"]), folder.parent)
+        else:
             raise UserError(
                 f"The NeVA tokenizer is {library!r} ({tok.get('type')}); mmchat converts NeVA "
-                "models with a SentencePiece tokenizer inside the .nemo (Llama-2, Nemotron)"
+                "models with a SentencePiece tokenizer inside the .nemo (Llama-2, Nemotron) "
+                "or a Hugging Face byte-level BPE one (Llama-3)"
             )
-        member = arc.find(Path(model_ref.removeprefix("nemo:")).name)
-        if member is None:
-            raise CorruptFileError(f"{folder.name} does not contain its tokenizer {model_ref!r}")
-        tok_path = arc.extract(member, "tokenizer.model")
 
         # vision tower
         venc = mm.get("vision_encoder") or {}
@@ -505,10 +501,14 @@ class NevaFamily:
         data = cfg.get("data") or {}
         conv = str(_cfg(data, "conv_template", "nvgpt"))
         start_end = bool(mm.get("use_im_start_end", False))
+        model_type = str(_cfg(mm.get("llm") or {}, "model_type", "nvgpt"))
         template = neva_template(
-            conv, use_im_start_end=start_end, dummy_prefix=_adds_dummy_prefix(tok_path)
+            conv,
+            use_im_start_end=start_end,
+            # SentencePiece's one "▁" before the whole prompt, written by the template
+            dummy_prefix=tok_path is not None and adds_dummy_prefix(tok_path),
+            model_type=model_type,
         )
-        text_hp.add_space_prefix = False  # the template writes SentencePiece's one "▁"
         if data.get("sep_image_conv_front"):
             notes.append(
                 "sep_image_conv_front is set; mmchat places the image at the message start"
@@ -519,10 +519,22 @@ class NevaFamily:
                 f"{data.get('image_aspect_ratio', 'square')!r}); mmchat pads them to a square"
             )
         eos = turn_end_token(conv)
-        from ..tokenizer import read_sentencepiece
-
-        pieces = read_sentencepiece(tok_path).pieces
-        eos_id = pieces.index(eos) if eos is not None and eos in pieces else None
+        eos_id: int | None = None
+        vocab: Vocab | None = None
+        if tok_path is not None:
+            text_hp.add_space_prefix = False  # the template writes SentencePiece's one "▁"
+            pieces = read_sentencepiece(tok_path).pieces
+            eos_id = pieces.index(eos) if eos is not None and eos in pieces else None
+        else:
+            vocab = load_bpe_vocab(
+                tok_dir, vocab_size=text_hp.n_vocab, config={}, default_template=template
+            )
+            vocab.pre = "llama-bpe"  # Llama-3's pre-tokenizer regex (and ignore_merges)
+            # NeVA's own conversation, not the tokenizer folder's chat template
+            vocab.chat_template, vocab.template_source = template, "family default"
+            vocab.add_bos = False  # the template writes <|begin_of_text|>
+            if eos is not None and eos in vocab.tokens:
+                vocab.eos_id = vocab.tokens.index(eos)
         return FamilyPlan(
             family=self.name,
             architecture=f"NeVA ({text_hp.gguf_arch}, {kind}, {conv})",
@@ -530,7 +542,7 @@ class NevaFamily:
             text_tensors=text_jobs,
             vision=vis_hp,
             vision_tensors=vis_jobs + proj_jobs,
-            tokenizer_dir=tok_path.parent,
+            tokenizer_dir=tok_dir,
             default_template=template,
             config_ids={"bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": None},
             notes=notes,
@@ -538,4 +550,5 @@ class NevaFamily:
             # NeMo encodes the whole prompt at once: no dummy "▁" after a special token
             legacy_spaces=False,
             add_bos=False,  # NeVA's text_to_ids adds no BOS (llama_2 writes <s> itself)
+            vocab=vocab,
         )

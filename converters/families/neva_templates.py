@@ -1,5 +1,6 @@
 """NeVA's conversation formats as chat templates (NeMo's ``neva/conversation.py`` and the
-``preprocess_*`` functions NeMo's inference runs through ``neva_process_prompts``).
+``preprocess_*`` functions NeMo's inference runs through ``neva_process_prompts``), and where
+its tokenizer comes from.
 
 NeMo tokenizes the whole prompt with ``text_to_ids`` (no BOS added), after turning each
 ``<image>`` into ``<image>\\n`` and then into the image span: ``<extra_id_4>`` +
@@ -12,7 +13,10 @@ when they stay text.
 
 from __future__ import annotations
 
-from mmchat.errors import UserError
+import contextlib
+from pathlib import Path
+
+from mmchat.errors import CorruptFileError, UserError
 
 NVGPT_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant "
@@ -114,17 +118,43 @@ def _vicuna_v1(image: str) -> str:
     )
 
 
-TEMPLATES = ("nvgpt", "nv_steerlm", "nv_dpo", "llama_2", "v1")
+def _llama_3(image: str) -> str:
+    # "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
+    # "<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
+    # "<|start_header_id|>assistant<|end_header_id|>\n\n{answer}<|eot_id|>" ...
+    return (
+        _system(LLAVA_LLAMA_2_SYSTEM)
+        + "{{- '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n' + system"
+        " + '<|eot_id|>' -}}"
+        "{%- for message in messages -%}" + _CONTENT + "{%- if message['role'] == 'user' -%}"
+        f"{{{{- '<|start_header_id|>user<|end_header_id|>\n\n' + ({_js(image + chr(10))} "
+        "* n_images) + text + '<|eot_id|>' -}}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' + text + '<|eot_id|>' -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}"
+        "{%- endif -%}"
+    )
 
 
-def neva_template(conv_template: str, *, use_im_start_end: bool, dummy_prefix: bool) -> str:
+TEMPLATES = ("nvgpt", "nv_steerlm", "nv_dpo", "llama_2", "llama_3", "v1")
+# NeMo's DEFAULT_IM_START_TOKEN / DEFAULT_IM_END_TOKEN per mm_cfg.llm.model_type
+IMAGE_START_END = {"llama_3": ("<|reserved_special_token_4|>", "<|reserved_special_token_5|>")}
+
+
+def neva_template(
+    conv_template: str, *, use_im_start_end: bool, dummy_prefix: bool, model_type: str = "nvgpt"
+) -> str:
     """The Jinja chat template of a NeVA conversation format.
 
     ``dummy_prefix``: NeMo encodes the whole prompt in one SentencePiece call, which puts
     one "▁" before the very first character (even before a special token) and none after
     special tokens. The GGUF is written with ``add_space_prefix = false`` and the template
     starts with that one space, so llama.cpp reproduces SentencePiece's ids exactly."""
-    image = "<extra_id_4><image><extra_id_5>" if use_im_start_end else "<image>"
+    start, end = IMAGE_START_END.get(model_type, ("<extra_id_4>", "<extra_id_5>"))
+    image = f"{start}<image>{end}" if use_im_start_end else "<image>"
     lead = "{{- ' ' -}}" if dummy_prefix else ""
     if conv_template in ("nvgpt", "nv_steerlm"):
         return lead + _nvgpt(image, NVGPT_SYSTEM)
@@ -134,6 +164,8 @@ def neva_template(conv_template: str, *, use_im_start_end: bool, dummy_prefix: b
         return lead + _llama_2(image)
     if conv_template == "v1":
         return lead + _vicuna_v1(image)
+    if conv_template == "llama_3":
+        return lead + _llama_3(image)
     raise UserError(
         f"NeVA conversation template {conv_template!r} (data.conv_template) is not supported; "
         f"mmchat knows {', '.join(TEMPLATES)}"
@@ -142,4 +174,45 @@ def neva_template(conv_template: str, *, use_im_start_end: bool, dummy_prefix: b
 
 def turn_end_token(conv_template: str) -> str | None:
     """The token that ends an assistant turn, when it is not </s>."""
+    if conv_template == "llama_3":
+        return "<|eot_id|>"
     return "<extra_id_1>" if conv_template in ("nvgpt", "nv_steerlm", "nv_dpo") else None
+
+
+def hf_tokenizer(named: str, near: Path) -> Path:
+    """The folder of a Hugging Face tokenizer a NeVA config names (``tokenizer.type``): a
+    folder (as given, or next to the .nemo), else the repo's tokenizer files only."""
+    for cand in (Path(named).expanduser(), near / named):
+        if (cand / "tokenizer.json").is_file():
+            return cand
+    from ..source import is_repo_id
+
+    if not is_repo_id(named):
+        raise UserError(f"The NeVA tokenizer {named!r} is neither a folder nor a repo id")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        got = Path(hf_hub_download(named, "tokenizer.json"))
+        with contextlib.suppress(Exception):  # optional
+            hf_hub_download(named, "tokenizer_config.json")
+    except Exception as exc:
+        raise UserError(
+            f"Cannot get the tokenizer {named!r} from the Hugging Face hub (for a gated repo "
+            f"set HF_TOKEN): {str(exc).rstrip('.')}"
+        ) from exc
+    return got.parent
+
+
+def adds_dummy_prefix(path: Path) -> bool:
+    """NormalizerSpec.add_dummy_prefix of a SentencePiece model (default true)."""
+    from ..tokenizer import _fields
+
+    try:
+        for num, wt, val in _fields(path.read_bytes()):
+            if num == 3 and wt == 2:  # normalizer_spec
+                for n2, w2, v2 in _fields(val):
+                    if n2 == 3 and w2 == 0:
+                        return bool(v2)
+    except (OSError, ValueError) as exc:
+        raise CorruptFileError(f"{path} is not a valid SentencePiece model: {exc}") from exc
+    return True
