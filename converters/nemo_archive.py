@@ -101,11 +101,25 @@ class _Shard:
     path: Path  # extracted model_weights.ckpt
 
 
+class _Scratch:
+    """The private temp folder (and the open tar) of an archive, released when nothing
+    refers to it any more: the archive and every tensor read from it hold it, so the
+    folder outlives the conversion's lazy tensor loads and goes right after."""
+
+    def __init__(self) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="mmchat-nemo-"))
+        self.open_files: list[tarfile.TarFile] = []
+        self._final = weakref.finalize(self, _release, self.path, self.open_files)
+
+    def release(self) -> None:
+        self._final()
+
+
 class _MergedReader:
     """Reads one logical tensor from its tensor-parallel shards."""
 
-    def __init__(self, archive: NemoArchive) -> None:
-        self.archive = archive
+    def __init__(self, scratch: _Scratch) -> None:
+        self.scratch = scratch  # keeps the extracted shards alive
         self.parts: dict[str, list[TensorRef]] = {}
         self.dims: dict[str, int | None] = {}
         self.swiglu: set[str] = set()
@@ -131,8 +145,8 @@ class NemoArchive:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._tmp = Path(tempfile.mkdtemp(prefix="mmchat-nemo-"))
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
+        self._scratch = _Scratch()
+        self._tmp = self._scratch.path
         try:
             self._open()
         except BaseException:
@@ -140,30 +154,18 @@ class NemoArchive:
             raise
 
     def close(self) -> None:
-        self._cleanup()
+        self._scratch.release()
 
     # --- reading the tar ----------------------------------------------------------------
 
     def _open(self) -> None:
-        try:
-            self._tar = tarfile.open(self.path, mode="r:*")  # noqa: SIM115 (kept open)
-            members = self._tar.getmembers()
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise CorruptFileError(
-                f"{self.path} is not a readable .nemo archive (a tar file): {exc}"
-            ) from exc
         self._members: dict[str, tarfile.TarInfo] = {}
-        for m in members:
-            name = safe_member_name(m.name)
-            if m.isdir():
-                continue
-            if not m.isfile():
-                raise CorruptFileError(
-                    f"the archive member {m.name!r} is a link or special file; refused"
-                )
-            if name:
-                self._members[name] = m
-        if CONFIG_NAME not in self._members:
+        self._files: dict[str, Path] = {}  # an unpacked .nemo folder: member -> file
+        if self.path.is_dir():
+            self._scan_folder()
+        else:
+            self._scan_tar()
+        if CONFIG_NAME not in self._members and CONFIG_NAME not in self._files:
             raise CorruptFileError(
                 f"{self.path} has no {CONFIG_NAME}: it is not a NeMo 1.x model archive"
             )
@@ -174,10 +176,46 @@ class NemoArchive:
         self.config: dict[str, Any] = cfg
         self.weights = self._open_weights()
 
+    def _scan_folder(self) -> None:
+        """An unpacked .nemo: regular files inside the folder (links must stay inside)."""
+        root = self.path.resolve()
+        for f in sorted(self.path.rglob("*")):
+            real = f.resolve()
+            if not real.is_relative_to(root):
+                raise CorruptFileError(f"{f} points outside {self.path}; refused")
+            if real.is_file():
+                self._files[f.relative_to(self.path).as_posix()] = real
+
+    def _scan_tar(self) -> None:
+        try:
+            tar = tarfile.open(self.path, mode="r:*")  # noqa: SIM115 (closed by _release)
+            self._scratch.open_files.append(tar)
+            self._tar = tar
+            members = tar.getmembers()
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise CorruptFileError(
+                f"{self.path} is not a readable .nemo archive (a tar file): {exc}"
+            ) from exc
+        for m in members:
+            name = safe_member_name(m.name)
+            if m.isdir():
+                continue
+            if not m.isfile():
+                raise CorruptFileError(
+                    f"the archive member {m.name!r} is a link or special file; refused"
+                )
+            if name:
+                self._members[name] = m
+
     def names(self) -> list[str]:
-        return list(self._members)
+        return [*self._members, *self._files]
 
     def _read_member(self, name: str) -> bytes:
+        if name in self._files:
+            try:
+                return self._files[name].read_bytes()
+            except OSError as exc:
+                raise CorruptFileError(f"Cannot read {self._files[name]}: {exc}") from exc
         fh = self._tar.extractfile(self._members[name])
         if fh is None:  # pragma: no cover - isfile() was checked
             raise CorruptFileError(f"cannot read {name} from {self.path}")
@@ -186,9 +224,19 @@ class NemoArchive:
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise CorruptFileError(f"{self.path} is truncated or damaged ({name}): {exc}") from exc
 
-    def extract(self, name: str, dest_name: str | None = None) -> Path:
-        """Copy one member into the private temp folder (by name, checked) and return it."""
+    def extract(self, name: str, dest_name: str | None = None, *, copy: bool = True) -> Path:
+        """Copy one member into the private temp folder (by name, checked) and return it.
+        In an unpacked folder, ``copy=False`` returns the file itself."""
         name = safe_member_name(name)
+        if name in self._files:
+            if not copy:
+                return self._files[name]
+            out = self._tmp / (dest_name or name.replace("/", "__"))
+            try:
+                shutil.copyfile(self._files[name], out)
+            except OSError as exc:
+                raise UserError(f"Cannot copy {self._files[name]}: {exc}") from exc
+            return out
         if name not in self._members:
             raise CorruptFileError(f"{self.path} has no member {name!r}")
         m = self._members[name]
@@ -211,18 +259,19 @@ class NemoArchive:
 
     def find(self, basename: str) -> str | None:
         """A member whose file name is ``basename`` (NeMo prefixes artifacts with a hash)."""
-        if basename in self._members:
+        names = self.names()
+        if basename in names:
             return basename
-        hits = [n for n in self._members if PurePosixPath(n).name == basename]
+        hits = [n for n in names if PurePosixPath(n).name == basename]
         if not hits:
-            hits = [n for n in self._members if PurePosixPath(n).name.endswith("_" + basename)]
+            hits = [n for n in names if PurePosixPath(n).name.endswith("_" + basename)]
         return hits[0] if len(hits) == 1 else None
 
     # --- weights --------------------------------------------------------------------------
 
     def _shard_members(self) -> list[tuple[int, int, str]]:
         found: list[tuple[int, int, str]] = []
-        for name in self._members:
+        for name in self.names():
             parts = name.split("/")
             if parts[-1] != WEIGHTS_NAME:
                 continue
@@ -239,7 +288,7 @@ class NemoArchive:
 
         shards = self._shard_members()
         if not shards:
-            if any(n.startswith("model_weights/") for n in self._members):
+            if any(n.startswith("model_weights/") for n in self.names()):
                 raise UserError(
                     f"{self.path} stores a distributed checkpoint (model_weights/ folder, "
                     "torch_dist/zarr), whose metadata is a pickle mmchat will not load; "
@@ -263,10 +312,10 @@ class NemoArchive:
             )
         files: dict[tuple[int, int], _TorchFile] = {}
         for tp, pp, name in shards:
-            path = self.extract(name, f"tp{tp}_pp{pp}.ckpt")
+            path = self.extract(name, f"tp{tp}_pp{pp}.ckpt", copy=False)
             with _bytesio_allowed():
                 files[(tp, pp)] = _TorchFile(path)
-        merged = _MergedReader(self)
+        merged = _MergedReader(self._scratch)
         refs: dict[str, TensorRef] = {}
         layer_offset = 0
         swiglu = str(self.config.get("activation", "gelu")) in ("swiglu", "fast-swiglu")
@@ -316,6 +365,12 @@ class NemoArchive:
             raise CorruptFileError(f"{self.path}: the weights hold no tensors")
         self.tp, self.pp = len(tps), len(pps)
         return Checkpoint(refs, [f.path for f in files.values()])
+
+
+def _release(tmp: Path, open_files: list[tarfile.TarFile]) -> None:
+    for f in open_files:
+        f.close()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _bytesio_allowed() -> contextlib.AbstractContextManager[Any]:

@@ -467,3 +467,40 @@ def test_code_in_the_weights_pickle_is_refused(tmp_path: Path) -> None:
     members = {"model_config.yaml": b"mm_cfg: {}\n", "model_weights.ckpt": buf.getvalue()}
     _convert_fails(_tar(tmp_path / "e.nemo", members), tmp_path / "o", "cannot be loaded safely")
     assert not (tmp_path / "pwned").exists()
+
+
+@needs_torch
+def test_unpacked_folder_and_no_temporaries_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unpacked .nemo converts the same; the private temp folder is gone afterwards, after
+    a success and after a failure."""
+    import gc
+    import tempfile
+
+    from mmchat.converters import convert
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    folder = tmp_path / "unpacked"
+    with tarfile.open(FX / "neva_llama_tp2.nemo") as tar:
+        for m in tar.getmembers():
+            if m.isfile():
+                dest = folder / m.name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(tar.extractfile(m).read())  # type: ignore[union-attr]
+    r = convert(folder, outdir=tmp_path / "o", quant="f32", vision_tower=FX / "clip_tower")
+    assert r.name == "unpacked"
+    gold = np.load(FX / "neva_llama_tp2.goldens.npz")
+    ids = [int(x) for x in gold["ids"]]
+    got = decode_with_image(r.model_path, ids, int(gold["first"]), gold["rows"])
+    assert rel_l2(got, gold["logits"]) < 2e-3
+    gc.collect()
+    assert list(scratch.iterdir()) == []
+    convert(FX / "neva_llama_linear.nemo", outdir=tmp_path / "o2", vision_tower=FX / "clip_tower")
+    assert list(scratch.iterdir()) == []  # no cycle: released as soon as the plan is gone
+    with pytest.raises(UserError):
+        convert(FX / "neva_llama_linear.nemo", outdir=tmp_path / "o3", vision_tower=tmp_path)
+    gc.collect()
+    assert list(scratch.iterdir()) == []

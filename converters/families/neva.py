@@ -59,12 +59,14 @@ _ADAPTER = "adapter_layer.mm_projector_adapter.mm_projector."
 
 
 def nemo_source(source: str | Path) -> Path | None:
-    """The path when ``source`` is a ``.nemo`` archive; a NeMo 2.0 folder is refused with one
-    line saying what to do; anything else is None (not ours)."""
+    """The path when ``source`` is a ``.nemo`` archive (or one unpacked into a folder); a NeMo
+    2.0 folder is refused with one line saying what to do; anything else is None."""
     p = Path(source).expanduser()
     if p.is_dir():
         if is_nemo2_folder(p):
             raise UserError(NEMO2_MESSAGE.format(path=p))
+        if (p / "model_config.yaml").is_file():  # an unpacked .nemo
+            return p.resolve()
         return None
     if p.suffix.lower() == ".nemo":
         if not p.is_file():
