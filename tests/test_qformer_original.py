@@ -76,6 +76,51 @@ def test_rows_and_logits_match_the_reference(
         lm.close()
 
 
+def test_minigptv2_rows_and_logits(tmp_path: Path) -> None:
+    """MiniGPT-v2: EVA at twice its size (positions interpolated at convert time), 4 rows
+    concatenated, llama_proj; the q/v LoRA merged into the text GGUF; [INST] prompt."""
+    from mmchat.converters import convert
+
+    from mmchat.gguf_meta import read_gguf
+    from mmchat.runtime import LoadOptions, load_model
+    from mmchat.vision import open_vision
+    from mmchat.vision.qformer import QformerEngine
+
+    meta = json.loads((ROOT / "goldens_v2.json").read_text())
+    g = np.load(ROOT / "goldens_v2.npz")
+    r = convert(ROOT / "minigptv2", outdir=tmp_path, quant="f32", vision_quant="f32")
+    v = read_gguf(r.mmproj_path)
+    assert v.get("clip.projector_type") == "eva_concat" and v.get("clip.vision.image_size") == 112
+    lm = load_model(r.model_path, None, LoadOptions.parity(n_threads=2))
+    try:
+        eng = open_vision(r.mmproj_path, text_n_embd=64, n_threads=2, device="cpu")
+        assert isinstance(eng, QformerEngine) and not eng.reads_instruction
+        with eng:
+            assert eng.tokens_for(load_image(IMAGES / "pixel.png")) == 16
+            print("\nminigptv2 f32: rows / final logits, rel L2 vs the reference")
+            for name in meta["images"]:
+                emb = eng.encode(load_image(IMAGES / f"{name}.png"))
+                ev = lm.evaluate([{"role": "user", "content": QUESTION, "images": [emb]}])
+                rows = rel_l2(emb.embeddings, g[f"minigptv2/{name}/rows"])
+                logits = rel_l2(ev.logits, g[f"minigptv2/{name}/logits"])
+                print(f"  {name:9s} rows {rows:.2e}  logits {logits:.2e}")
+                assert rows <= 2e-3 and logits <= 2e-3
+                assert ev.token_ids == meta["ids_before"] + meta["ids_after"]
+    finally:
+        lm.close()
+
+
+def test_minigptv2_without_lora_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    src = shutil.copytree(ROOT / "minigptv2", tmp_path / "v2")
+    path = src / "minigptv2_checkpoint.pth"
+    sd = torch.load(path, weights_only=True)
+    sd["model"] = {k: v for k, v in sd["model"].items() if "lora" not in k}
+    torch.save(sd, path)
+    _fails(src, tmp_path / "out", "no LoRA")
+
+
 def _fails(src: Path, out: Path, match: str) -> None:
     from mmchat.converters import convert
 

@@ -27,13 +27,13 @@ from typing import Any, ClassVar
 from mmchat.errors import CorruptFileError, UserError
 from mmchat.vision.wordpiece import read_wordpiece_folder
 
-from ..checkpoint import Checkpoint, TensorRef, _TorchFile, open_checkpoint
+from ..checkpoint import Checkpoint, TensorRef, open_checkpoint
 from .base import FamilyPlan, read_json, require
 from .llama_text import llama_text_plan
+from .minigptv2 import MiniGptV2
+from .original_files import EVA_FILE, EVA_HEAD_DIM, eva_names, llm_folder, torch_refs
 from .qformer import INSTRUCTBLIP_TEMPLATE, qformer_plan
 
-EVA_FILE = "eva_vit_g.pth"
-EVA_HEAD_DIM = 88
 BERT_HEAD_DIM = 64
 LAVIS_LN_VISION_EPS = 1e-5
 MINIGPT4_PROJ = ("pretrained_minigpt4.pth", "prerained_minigpt4_7b.pth")
@@ -76,37 +76,6 @@ def _renamed(refs: dict[str, TensorRef], rename: dict[str, str]) -> dict[str, Te
     return {rename.get(k, k): r for k, r in refs.items()}
 
 
-def _eva_names(name: str) -> str | None:
-    """An EVA ViT (timm/LAVIS) name -> transformers' ``vision_model.*`` name."""
-    fixed = {
-        "cls_token": "embeddings.class_embedding",
-        "pos_embed": "embeddings.position_embedding",
-        "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
-        "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
-    }
-    if name in fixed:
-        return "vision_model." + fixed[name]
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
-    if not m:
-        return None
-    rest = {
-        "norm1.weight": "layer_norm1.weight",
-        "norm1.bias": "layer_norm1.bias",
-        "norm2.weight": "layer_norm2.weight",
-        "norm2.bias": "layer_norm2.bias",
-        "attn.qkv.weight": "self_attn.qkv.weight",
-        "attn.q_bias": "self_attn.q_bias",
-        "attn.v_bias": "self_attn.v_bias",
-        "attn.proj.weight": "self_attn.projection.weight",
-        "attn.proj.bias": "self_attn.projection.bias",
-        "mlp.fc1.weight": "mlp.fc1.weight",
-        "mlp.fc1.bias": "mlp.fc1.bias",
-        "mlp.fc2.weight": "mlp.fc2.weight",
-        "mlp.fc2.bias": "mlp.fc2.bias",
-    }.get(m.group(2))
-    return None if rest is None else f"vision_model.encoder.layers.{m.group(1)}.{rest}"
-
-
 def _lavis_names(name: str, *, queries_only: bool) -> str | None:
     """A LAVIS Q-Former/connector name -> transformers' name (None: not needed)."""
     if name == "query_tokens":
@@ -117,7 +86,7 @@ def _lavis_names(name: str, *, queries_only: bool) -> str | None:
         if name.startswith(proj):
             return "language_projection." + name[len(proj) :]
     if name.startswith("visual_encoder."):
-        return _eva_names(name[len("visual_encoder.") :])
+        return eva_names(name[len("visual_encoder.") :])
     if not name.startswith("Qformer.bert."):
         return None
     rest = name[len("Qformer.bert.") :]
@@ -135,27 +104,6 @@ def _lavis_names(name: str, *, queries_only: bool) -> str | None:
     if queries_only and re.match(r"encoder\.layer\.\d+\.(intermediate|output)\.", rest):
         return None  # the text FFN: unused without text input
     return "qformer." + rest
-
-
-def _torch_refs(path: Path) -> dict[str, TensorRef]:
-    if not path.is_file():
-        raise UserError(f"{path.parent} has no {path.name}")
-    return _TorchFile(path).refs
-
-
-def _llm_folder(folder: Path) -> Path:
-    found = []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        cfg = sub / "config.json"
-        if cfg.is_file() and read_json(cfg).get("model_type") in ("llama", "mistral"):
-            found.append(sub)
-    if len(found) != 1:
-        what = "none" if not found else ", ".join(p.name for p in found)
-        raise UserError(
-            f"{folder} must hold exactly one language model folder (a Hugging Face Llama/Vicuna "
-            f"folder with config.json); found {what}"
-        )
-    return found[0]
 
 
 def _shape_config(ckpt: Checkpoint) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -243,13 +191,13 @@ class _Original:
             if new is not None:
                 view[new] = ref
         if not any(k.startswith("vision_model.encoder.") for k in view):
-            for name, ref in _torch_refs(folder / EVA_FILE).items():
-                new = _eva_names(name)
+            for name, ref in torch_refs(folder / EVA_FILE).items():
+                new = eva_names(name)
                 if new is not None:
                     view[new] = ref
         ckpt = Checkpoint(view, [])
         vcfg, qcfg = _shape_config(ckpt)
-        llm = _llm_folder(folder)
+        llm = llm_folder(folder)
         tcfg = read_json(llm / "config.json")
         text = llama_text_plan(
             open_checkpoint(llm),
@@ -316,7 +264,7 @@ class LavisInstructBlip(_Original):
     def _model_refs(self, folder: Path) -> tuple[dict[str, TensorRef], Path | None, bool]:
         path = _lavis_model_file(folder)
         assert path is not None
-        refs = _torch_refs(path)
+        refs = torch_refs(path)
         if any(k.startswith("opt_proj.") for k in refs):
             raise UserError(
                 "BLIP-2 with an OPT language model cannot run on llama.cpp (it has no OPT "
@@ -347,8 +295,8 @@ class MiniGpt4(_Original):
 
     def _model_refs(self, folder: Path) -> tuple[dict[str, TensorRef], Path | None, bool]:
         proj = next(folder / n for n in MINIGPT4_PROJ if (folder / n).is_file())
-        refs = dict(_torch_refs(folder / MINIGPT4_QFORMER))
-        extra = _torch_refs(proj)
+        refs = dict(torch_refs(folder / MINIGPT4_QFORMER))
+        extra = torch_refs(proj)
         if "llama_proj.weight" not in extra:
             raise UserError(f"{proj.name} has no llama_proj: it is not a MiniGPT-4 checkpoint")
         refs.update({k: v for k, v in extra.items() if k.startswith("llama_proj.")})
@@ -358,4 +306,4 @@ class MiniGpt4(_Original):
         return MINIGPT4_TEMPLATE
 
 
-FOLDER_FAMILIES = (MiniGpt4, LavisInstructBlip)
+FOLDER_FAMILIES = (MiniGptV2, MiniGpt4, LavisInstructBlip)

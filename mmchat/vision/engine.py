@@ -423,9 +423,9 @@ def open_vision(
     path = Path(mmproj).expanduser()
     info = read_mmproj_header(path)
     proj = projector_type_of(info)
-    if proj == "qformer":  # BLIP-2 / InstructBLIP: only libmmvision has a Q-Former
+    if proj in ("qformer", "eva_concat"):  # BLIP-2, InstructBLIP, MiniGPT-4 / MiniGPT-v2
         if engine not in (None, "mmvision"):
-            raise UserError("projector type 'qformer' (BLIP-2, InstructBLIP) runs on mmvision only")
+            raise UserError(f"projector type '{proj}' runs on mmvision only")
         from mmchat.vision.qformer import QformerEngine
 
         return QformerEngine(

@@ -32,6 +32,9 @@ from mmchat.vision.image import PreparedImage
 from mmchat.vision.wordpiece import WordPiece
 
 PROJECTOR = "qformer"
+PROJECTORS = ("qformer", "eva_concat")
+"""The vision files this engine runs: BLIP-2 / InstructBLIP / MiniGPT-4 (``qformer``) and
+MiniGPT-v2 (``eva_concat``, EVA rows concatenated 4 at a time: no Q-Former, no instruction)."""
 
 
 def blip_pixels(
@@ -134,9 +137,11 @@ class QformerEngine(VisionEngine):
                 raise UserError(f"Cannot load projector {mmproj.name}: {exc}") from None
             raise CorruptFileError(f"Cannot load projector {mmproj}: {exc}") from None
         info = self.model.info
-        if info.projector_type != PROJECTOR:
+        if info.projector_type not in PROJECTORS:
             self.model.close()
-            raise UserError(f"{mmproj.name} is a '{info.projector_type}' projector, not a Q-Former")
+            raise UserError(
+                f"{mmproj.name} is a '{info.projector_type}' projector, not one of {PROJECTORS}"
+            )
         if info.text_input != (self.tokenizer is not None):
             self.model.close()
             raise CorruptFileError(f"{mmproj}: qformer.text_input disagrees with its tensors")

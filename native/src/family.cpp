@@ -12,6 +12,7 @@ const FamilyEntry kFamilies[] = {
     {"mlp_deep", make_clip_family},        // NeVA mlpNx_gelu, N > 2
     {"mlp_downsample", make_clip_family},  // NeVA / VILA: 2x2 patch merge + LN + MLP
     {"qformer", make_qformer_family},  // BLIP-2, InstructBLIP (EVA ViT + Q-Former)
+    {"eva_concat", make_eva_concat_family},  // MiniGPT-v2 (EVA ViT, 4 rows concatenated)
     {"idefics", make_idefics_family},  // IDEFICS v1 (CLIP ViT + Perceiver resampler)
     {"internvit", make_internvit_family},  // NVLM-D (InternViT + pixel shuffle + mlp1)
 };

@@ -84,6 +84,7 @@ std::unique_ptr<Family> make_family(const std::string & projector_type, std::str
 // families/*.cpp
 std::unique_ptr<Family> make_clip_family();
 std::unique_ptr<Family> make_qformer_family();
+std::unique_ptr<Family> make_eva_concat_family();
 std::unique_ptr<Family> make_idefics_family();
 std::unique_ptr<Family> make_internvit_family();
 
