@@ -30,6 +30,7 @@ NAMES = [
     "neva_nemotron_tp2",
     "neva_llama_down",
     "neva_llama3",
+    "neva_nvgpt",
 ]
 
 try:
@@ -426,10 +427,38 @@ VARIANTS = {
 @needs_torch
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_other_layouts_convert_to_the_same_model(variant: str, tmp_path: Path) -> None:
-    import yaml
     from mmchat.converters import convert
 
     name, edit = VARIANTS[variant]
+    src = _rewrite(name, edit, tmp_path / f"{variant}.nemo")
+    r = convert(src, outdir=tmp_path / "o", quant="f32", vision_tower=FX / "clip_tower")
+    gold = np.load(FX / f"{name}.goldens.npz")
+    ids = [int(x) for x in gold["ids"]]
+    got = decode_with_image(r.model_path, ids, int(gold["first"]), gold["rows"])
+    assert rel_l2(got, gold["logits"]) < 2e-3
+
+
+@needs_torch
+def test_unknown_tensors_are_refused_not_dropped(tmp_path: Path) -> None:
+    """A qk-norm (or anything else this converter does not map) is an error, not a silently
+    different model."""
+    import torch
+
+    def add_qk_norm(
+        cfg: dict[str, Any], shards: dict[str, dict[str, Any]]
+    ) -> dict[str, dict[str, Any]]:
+        for sd in shards.values():
+            sd["model.decoder.layers.0.self_attention.q_layernorm.weight"] = torch.ones(16)
+        return shards
+
+    src = _rewrite("neva_llama_linear", add_qk_norm, tmp_path / "qk.nemo")
+    _convert_fails(src, tmp_path / "o", "does not know how to convert")
+
+
+def _rewrite(name: str, edit: Any, dst: Path) -> Path:
+    """A fixture archive with its config and weight shards passed through ``edit``."""
+    import yaml
+
     with tarfile.open(FX / f"{name}.nemo") as tar:
         members = {
             m.name.removeprefix("./"): tar.extractfile(m).read()  # type: ignore[union-attr]
@@ -444,12 +473,7 @@ def test_other_layouts_convert_to_the_same_model(variant: str, tmp_path: Path) -
     for d, sd in edit(cfg, shards).items():
         members[f"{d}/model_weights.ckpt" if d else "model_weights.ckpt"] = _save_ckpt(sd)
     members = {"model_config.yaml": yaml.safe_dump(cfg).encode(), **members}
-    src = _tar(tmp_path / f"{variant}.nemo", members)
-    r = convert(src, outdir=tmp_path / "o", quant="f32", vision_tower=FX / "clip_tower")
-    gold = np.load(FX / f"{name}.goldens.npz")
-    ids = [int(x) for x in gold["ids"]]
-    got = decode_with_image(r.model_path, ids, int(gold["first"]), gold["rows"])
-    assert rel_l2(got, gold["logits"]) < 2e-3
+    return _tar(dst, members)
 
 
 @needs_torch

@@ -2,20 +2,13 @@
 
 A NeMo 1.x ``.nemo`` (see ``converters/nemo_archive.py``) holds the Megatron language model,
 NeVA's projector (``...word_embeddings.adapter_layer.mm_projector_adapter.mm_projector``),
-the SentencePiece tokenizer and ``model_config.yaml``; the CLIP tower is named by
+usually the tokenizer and ``model_config.yaml``; the CLIP tower is named by
 ``mm_cfg.vision_encoder.from_pretrained`` (a Hugging Face repo or folder), or given with
 ``--vision-tower PATH``.
 
-Language models, as NeMo's own ``scripts/checkpoint_converters`` map them:
-
-* Llama-2/3 (``normalization: rmsnorm``, ``activation: [fast-]swiglu``) -> libllama ``llama``.
-  ``linear_qkv`` / ``query_key_value`` rows are interleaved per query group (the group's q
-  heads, then its k head, then its v head); ``linear_fc1`` is [gate; up]
-  (older checkpoints: ``dense_h_to_4h`` = gate, ``dense_h_to_4h_2`` = up).
-* Nemotron-3 (``normalization: layernorm1p``, ``activation: squared-relu``) -> libllama
-  ``nemotron``: LayerNorm whose stored weight is w - 1 (written as w + 1), squared ReLU,
-  rotary embedding on the first ``rotary_percentage`` of each head (rotate-half, which is
-  llama.cpp's NEOX order, so no row permutation).
+The language model (Llama-2/3 -> ``llama``, Nemotron-3 -> ``nemotron``, NVGPT -> ``stablelm``)
+is mapped in ``neva_text.py``; the tokenizer (SentencePiece inside the archive, or Llama-3's
+Hugging Face BPE) and the conversation templates are in ``neva_templates.py``.
 
 Projectors (``mm_cfg.mm_mlp_adapter_type``): ``linear`` (mmvision type ``linear``),
 ``mlp2x_gelu`` (``mlp``, as LLaVA 1.5), ``mlpNx_gelu`` N > 2 (``mlp_deep``: mm.0, mm.2, ...
@@ -28,34 +21,27 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
-
 from mmchat.errors import CorruptFileError, UserError
 
-from ..checkpoint import Checkpoint, TensorRef, open_checkpoint
+from ..checkpoint import Checkpoint, open_checkpoint
 from ..nemo_archive import NEMO2_MESSAGE, NemoArchive, is_nemo2_folder
 from ..tokenizer import Vocab, read_sentencepiece
 from .base import (
     FamilyPlan,
     TensorJob,
-    TextHParams,
-    count_layers,
     expect_shape,
     image_norm_from,
     job,
     require,
 )
 from .clip import VisionHParams, clip_vision_plan
-from .llama_text import _permute_rope
 from .llava_original import _tower_config, resolve_tower
 from .neva_templates import adds_dummy_prefix, hf_tokenizer, neva_template, turn_end_token
+from .neva_text import Layout, cfg_get, text_plan
 from .qwen2_text import load_bpe_vocab
-
-_ADAPTER = "adapter_layer.mm_projector_adapter.mm_projector."
 
 
 def nemo_source(source: str | Path) -> Path | None:
@@ -90,264 +76,6 @@ class NevaVisionHParams(VisionHParams):
             f"CLIP vision tower + NeVA {self.projector_type} projector of {name} "
             "(converted by mmchat)"
         )
-
-
-def _cfg(c: dict[str, Any], key: str, default: Any = None) -> Any:
-    v = c.get(key)
-    return default if v is None else v
-
-
-def _deinterleave(
-    w: np.ndarray, *, n_groups: int, per_group: int, head_dim: int, part: str
-) -> np.ndarray:
-    """q, k or v rows of a Megatron fused QKV weight/bias (rows grouped per query group)."""
-    rest = w.shape[1:]
-    g = w.reshape(n_groups, per_group + 2, head_dim, *rest)
-    if part == "q":
-        out = g[:, :per_group]
-    elif part == "k":
-        out = g[:, per_group : per_group + 1]
-    else:
-        out = g[:, per_group + 1 :]
-    return np.ascontiguousarray(out.reshape(-1, *rest))
-
-
-def _half(a: np.ndarray, *, first: bool) -> np.ndarray:
-    """gate (first) or up half of a fused swiglu fc1 [gate; up]."""
-    n = a.shape[0] // 2
-    return np.ascontiguousarray(a[:n] if first else a[n:])
-
-
-def _qkv_part(
-    w: np.ndarray, *, n_groups: int, per_group: int, head_dim: int, part: str, rope_heads: int
-) -> np.ndarray:
-    """q, k or v of a fused QKV; with ``rope_heads`` also in llama.cpp's rope row order."""
-    out = _deinterleave(w, n_groups=n_groups, per_group=per_group, head_dim=head_dim, part=part)
-    return _permute_rope(out, rope_heads) if rope_heads else out
-
-
-class _Layout:
-    """Where a checkpoint keeps each tensor (Megatron-core or the older language_model)."""
-
-    def __init__(self, ckpt: Checkpoint) -> None:
-        names = ckpt.names()
-        for root in ("model.", "model.module."):
-            if f"{root}decoder.layers.0.self_attention.linear_qkv.weight" in ckpt:
-                self.mcore, self.root = True, root
-                break
-            if (
-                f"{root}language_model.encoder.layers.0.self_attention.query_key_value.weight"
-                in ckpt
-            ):
-                self.mcore, self.root = False, root
-                break
-        else:
-            raise UserError(
-                "The .nemo holds no Megatron GPT decoder (model.decoder.layers.N.* or "
-                "model.language_model.encoder.layers.N.*): it is not a NeVA / GPT model"
-            )
-        r = self.root
-        self.layers = f"{r}decoder.layers." if self.mcore else f"{r}language_model.encoder.layers."
-        self.n_layer = count_layers(names, re.escape(self.layers) + r"(\d+)\.")
-        lm = r if self.mcore else f"{r}language_model."
-        self.embed = f"{lm}embedding.word_embeddings.weight"
-        self.final = (
-            f"{r}decoder.final_layernorm." if self.mcore else f"{lm}encoder.final_layernorm."
-        )
-        self.output = f"{lm}output_layer.weight"
-        hits = sorted({n[: n.index(_ADAPTER) + len(_ADAPTER)] for n in names if _ADAPTER in n})
-        self.projector = hits[0] if len(hits) == 1 else None
-
-    def layer(self, i: int) -> dict[str, str]:
-        p = f"{self.layers}{i}."
-        if self.mcore:
-            return {
-                "qkv": p + "self_attention.linear_qkv.",
-                "proj": p + "self_attention.linear_proj.",
-                "fc1": p + "mlp.linear_fc1.",
-                "fc2": p + "mlp.linear_fc2.",
-                "ln1": p + "self_attention.linear_qkv.layer_norm_",
-                "ln2": p + "mlp.linear_fc1.layer_norm_",
-                "ln1_alt": p + "input_layernorm.",
-                "ln2_alt": p + "pre_mlp_layernorm.",
-            }
-        return {
-            "qkv": p + "self_attention.query_key_value.",
-            "proj": p + "self_attention.dense.",
-            "fc1": p + "mlp.dense_h_to_4h.",
-            "fc1b": p + "mlp.dense_h_to_4h_2.",
-            "fc2": p + "mlp.dense_4h_to_h.",
-            "ln1": p + "input_layernorm.",
-            "ln2": p + "post_attention_layernorm.",
-        }
-
-
-def _norm_ref(ckpt: Checkpoint, names: dict[str, str], key: str, kind: str) -> TensorRef | None:
-    """A layer norm's weight/bias: TE fuses it into the next linear (layer_norm_weight);
-    the local spec keeps it as its own module."""
-    fused = names[key] + kind
-    if fused in ckpt:
-        return ckpt[fused]
-    alt = names.get(key + "_alt")
-    if alt is not None and alt + kind in ckpt:
-        return ckpt[alt + kind]
-    return None
-
-
-def _plus_one(a: np.ndarray) -> np.ndarray:
-    return a + np.float32(1.0)
-
-
-def text_plan(ckpt: Checkpoint, cfg: dict[str, Any]) -> tuple[TextHParams, list[TensorJob]]:
-    lay = _Layout(ckpt)
-    norm = str(_cfg(cfg, "normalization", "layernorm"))
-    act = str(_cfg(cfg, "activation", "gelu"))
-    if norm == "rmsnorm" and act in ("swiglu", "fast-swiglu"):
-        arch = "llama"
-    elif norm == "layernorm1p" and act == "squared-relu":
-        arch = "nemotron"
-    else:
-        raise UserError(
-            f"NeVA language model with normalization {norm!r} and activation {act!r} is not "
-            "supported (Llama: rmsnorm + swiglu; Nemotron: layernorm1p + squared-relu)"
-        )
-    if str(_cfg(cfg, "position_embedding_type", "learned_absolute")) != "rope":
-        raise UserError(
-            "Only rotary position embeddings (position_embedding_type: rope) are supported"
-        )
-    emb = require(ckpt, lay.embed, "token embeddings")
-    if len(emb.shape) != 2:
-        raise CorruptFileError(f"{lay.embed} must be 2-D")
-    n_vocab, n_embd = emb.shape
-    n_layer = lay.n_layer
-    if n_layer == 0:
-        raise CorruptFileError("The checkpoint has no decoder layers")
-    if int(_cfg(cfg, "num_layers", n_layer)) != n_layer:
-        raise CorruptFileError(
-            f"config num_layers {cfg.get('num_layers')} but the checkpoint has {n_layer}"
-        )
-    if int(_cfg(cfg, "hidden_size", n_embd)) != n_embd:
-        raise CorruptFileError(
-            f"config hidden_size {cfg.get('hidden_size')} != embeddings width {n_embd}"
-        )
-    n_head = int(_cfg(cfg, "num_attention_heads", 0))
-    if n_head <= 0:
-        raise CorruptFileError("model_config.yaml has no num_attention_heads")
-    n_kv = int(_cfg(cfg, "num_query_groups", n_head))
-    head_dim = int(_cfg(cfg, "kv_channels", n_embd // n_head))
-    if n_head % n_kv:
-        raise CorruptFileError(f"{n_head} heads do not split into {n_kv} query groups")
-    per = n_head // n_kv
-    rot = float(_cfg(cfg, "rotary_percentage", 1.0))
-    rope_dim = round(head_dim * rot)
-    if rope_dim % 2 or rope_dim <= 0:
-        raise UserError(f"rotary_percentage {rot} gives an odd rotary width {rope_dim}")
-    if arch == "llama" and rope_dim != head_dim:
-        raise UserError("partial rotary embeddings are supported for Nemotron only")
-    eps = float(_cfg(cfg, "layernorm_epsilon", 1e-5))
-    scale = cfg.get("seq_len_interpolation_factor")
-    if cfg.get("scale_positional_embedding"):
-        raise UserError("Llama-3.1 RoPE scaling (scale_positional_embedding) is not supported")
-    tied = bool(_cfg(cfg, "share_embeddings_and_output_weights", True)) and lay.output not in ckpt
-    if not tied and lay.output not in ckpt:
-        raise CorruptFileError(f"The checkpoint has no output layer ({lay.output})")
-    one_p = norm == "layernorm1p"
-
-    jobs: list[TensorJob] = [job("token_embd.weight", emb)]
-    n_ff = 0
-    qkv_rows = (n_head + 2 * n_kv) * head_dim
-    for i in range(n_layer):
-        names = lay.layer(i)
-        b = f"blk.{i}."
-
-        def g(key: str, what: str, _n: dict[str, str] = names) -> TensorRef:
-            return require(ckpt, _n[key] + "weight", what)
-
-        def norm_jobs(
-            key: str, gg: str, what: str, _n: dict[str, str] = names, _b: str = b
-        ) -> None:
-            w = _norm_ref(ckpt, _n, key, "weight")
-            if w is None:
-                raise CorruptFileError(f"The checkpoint has no {what} ({_b[:-1]})")
-            expect_shape(w, (n_embd,), what)
-            jobs.append(job(f"{_b}{gg}.weight", w, _plus_one if one_p else None))
-            bias = _norm_ref(ckpt, _n, key, "bias")
-            if bias is not None:
-                jobs.append(job(f"{_b}{gg}.bias", bias))
-
-        norm_jobs("ln1", "attn_norm", "attention norm")
-        qkv = g("qkv", "fused QKV")
-        expect_shape(qkv, (qkv_rows, n_embd), "fused QKV")
-        for part, rows, heads in (("q", n_head, n_head), ("k", n_kv, n_kv), ("v", n_kv, n_kv)):
-            tf = partial(
-                _qkv_part,
-                n_groups=n_kv,
-                per_group=per,
-                head_dim=head_dim,
-                part=part,
-                rope_heads=heads if arch == "llama" and part != "v" else 0,
-            )
-            jobs.append(job(f"{b}attn_{part}.weight", qkv, tf, (rows * head_dim, n_embd)))
-            bias_name = names["qkv"] + "bias"
-            if bias_name in ckpt:
-                jobs.append(job(f"{b}attn_{part}.bias", ckpt[bias_name], tf, (rows * head_dim,)))
-        proj = g("proj", "attention output")
-        expect_shape(proj, (n_embd, n_head * head_dim), "attention output")
-        jobs.append(job(f"{b}attn_output.weight", proj))
-        if names["proj"] + "bias" in ckpt:
-            jobs.append(job(f"{b}attn_output.bias", ckpt[names["proj"] + "bias"]))
-        norm_jobs("ln2", "ffn_norm", "MLP norm")
-        fc1 = g("fc1", "MLP fc1")
-        fc2 = g("fc2", "MLP fc2")
-        n_ff = fc2.shape[1]
-        expect_shape(fc2, (n_embd, n_ff), "MLP fc2")
-        if arch == "llama":
-            if "fc1b" in names and names["fc1b"] + "weight" in ckpt:
-                # older layout with 'swiglu': gate and up in two tensors ('fast-swiglu'
-                # fuses them in dense_h_to_4h, as Megatron-core's linear_fc1 does)
-                expect_shape(fc1, (n_ff, n_embd), "MLP gate")
-                up = g("fc1b", "MLP up")
-                expect_shape(up, (n_ff, n_embd), "MLP up")
-                jobs.append(job(f"{b}ffn_gate.weight", fc1))
-                jobs.append(job(f"{b}ffn_up.weight", up))
-            else:
-                expect_shape(fc1, (2 * n_ff, n_embd), "MLP fc1 (gate; up)")
-                shape = (n_ff, n_embd)
-                jobs.append(job(f"{b}ffn_gate.weight", fc1, partial(_half, first=True), shape))
-                jobs.append(job(f"{b}ffn_up.weight", fc1, partial(_half, first=False), shape))
-        else:
-            expect_shape(fc1, (n_ff, n_embd), "MLP fc1")
-            jobs.append(job(f"{b}ffn_up.weight", fc1))
-            if names["fc1"] + "bias" in ckpt:
-                jobs.append(job(f"{b}ffn_up.bias", ckpt[names["fc1"] + "bias"]))
-        jobs.append(job(f"{b}ffn_down.weight", fc2))
-        if names["fc2"] + "bias" in ckpt:
-            jobs.append(job(f"{b}ffn_down.bias", ckpt[names["fc2"] + "bias"]))
-    fw = require(ckpt, lay.final + "weight", "final norm")
-    jobs.append(job("output_norm.weight", fw, _plus_one if one_p else None))
-    if lay.final + "bias" in ckpt:
-        jobs.append(job("output_norm.bias", ckpt[lay.final + "bias"]))
-    if not tied:
-        head = ckpt[lay.output]
-        expect_shape(head, (n_vocab, n_embd), "output layer")
-        jobs.append(job("output.weight", head))
-    hp = TextHParams(
-        n_vocab=n_vocab,
-        n_embd=n_embd,
-        n_ff=n_ff,
-        n_layer=n_layer,
-        n_head=n_head,
-        n_head_kv=n_kv,
-        head_dim=head_dim,
-        n_ctx=int(_cfg(cfg, "encoder_seq_length", _cfg(cfg, "max_position_embeddings", 4096))),
-        rms_eps=eps,
-        rope_theta=float(_cfg(cfg, "rotary_base", 10000.0)),
-        rope_scaling=("linear", float(scale)) if scale and float(scale) != 1.0 else None,
-        tied_embeddings=tied,
-        gguf_arch=arch,
-        rope_dim=rope_dim if rope_dim != head_dim else None,
-    )
-    return hp, jobs
 
 
 def projector_plan(
@@ -419,7 +147,7 @@ class NevaFamily:
             raise UserError(
                 f"{folder.name} is a NeMo model without mm_cfg: not a NeVA (multimodal) model"
             )
-        if int(_cfg(cfg, "pipeline_model_parallel_size", 1)) != arc.pp:
+        if int(cfg_get(cfg, "pipeline_model_parallel_size", 1)) != arc.pp:
             raise CorruptFileError(
                 f"{folder.name}: pipeline_model_parallel_size does not match the archive's shards"
             )
@@ -469,13 +197,13 @@ class NevaFamily:
         mean, std = image_norm_from([tower_dir], notes)
         if str(venc.get("vision_select_feature", "patch")) != "patch":
             raise UserError("Only vision_select_feature 'patch' (class token dropped) is supported")
-        if int(_cfg(venc, "class_token_length", 1)) != 1:
+        if int(cfg_get(venc, "class_token_length", 1)) != 1:
             raise UserError("Only CLIP towers with one class token are supported")
         clip_hp, vis_jobs = clip_vision_plan(
             tower,
             vcfg,
             prefix=prefix,
-            select_layer=_cfg(venc, "vision_select_layer", -2),
+            select_layer=cfg_get(venc, "vision_select_layer", -2),
             image_mean=mean,
             image_std=std,
             projection_dim=text_hp.n_embd,
@@ -491,19 +219,19 @@ class NevaFamily:
                 f"The NeVA expects a vision tower of width {hidden} but {source} has width "
                 f"{clip_hp.n_embd}"
             )
-        kind = str(_cfg(mm, "mm_mlp_adapter_type", "linear"))
+        kind = str(cfg_get(mm, "mm_mlp_adapter_type", "linear"))
         proj_type, merge, proj_jobs = projector_plan(
             arc.weights,
-            _Layout(arc.weights).projector,
+            Layout(arc.weights).projector,
             kind,
             vision_width=clip_hp.n_embd,
             text_width=text_hp.n_embd,
         )
         vis_hp = NevaVisionHParams(**{**clip_hp.__dict__, "projector_type": proj_type}, merge=merge)
         data = cfg.get("data") or {}
-        conv = str(_cfg(data, "conv_template", "nvgpt"))
+        conv = str(cfg_get(data, "conv_template", "nvgpt"))
         start_end = bool(mm.get("use_im_start_end", False))
-        model_type = str(_cfg(mm.get("llm") or {}, "model_type", "nvgpt"))
+        model_type = str(cfg_get(mm.get("llm") or {}, "model_type", "nvgpt"))
         template = neva_template(
             conv,
             use_im_start_end=start_end,
