@@ -115,6 +115,12 @@ def run(
 
     try:
         source = loader.resolve_model(model, mmproj=mmproj, console=err)
+        from mmchat.memory import available_memory, describe, estimate
+
+        need = estimate(source.model_path, source.mmproj_path, n_ctx=ctx or 4096)
+        free = available_memory()
+        if verbose or (free is not None and need.total > free):  # said before loading
+            err.print(f"{source.name} {describe(need, free)}", style="dim", highlight=False)
         t_load = time.perf_counter()
         if interactive:
             _preload_prompt()

@@ -151,6 +151,19 @@ def describe(name: str) -> dict[str, Any]:
             path=str(rec.mmproj_path),
             size=rec.parts["mmproj"].get("size"),
         )
+    from mmchat.memory import available_memory, estimate
+
+    raw_ctx = rec.params.get("num_ctx")
+    n_ctx = raw_ctx if isinstance(raw_ctx, int) else 4096
+    est = estimate(rec.model_path, rec.mmproj_path, n_ctx=n_ctx)
+    memory = {
+        "needed": est.total,
+        "weights": est.weights,
+        "kv_cache": est.kv_cache,
+        "compute": est.compute,
+        "n_ctx": n_ctx,
+        "available": available_memory(),
+    }
     if rec.template:
         template = {"kind": "custom", "text": rec.template}
     elif model["chat_template"]:
@@ -172,11 +185,20 @@ def describe(name: str) -> dict[str, Any]:
         "projector": projector,
         "template": template,
         "template_hint": rec.template_hint,
+        "memory": memory,
         "parameters": rec.params,
         "license": rec.license,
         "source": rec.manifest.get("source", {}),
         "modified": _iso(rec.modified),
     }
+
+
+def _memory_text(mem: dict[str, Any]) -> str:
+    """What the model needs to run (weights + context + compute) against what is free."""
+    from mmchat.memory import MemoryEstimate, describe
+
+    est = MemoryEstimate(mem["weights"], mem["kv_cache"], mem["compute"])
+    return describe(est, mem["available"]).removeprefix("needs about ") + f" at {mem['n_ctx']} ctx"
 
 
 def _kv(rows: list[tuple[str, Any]]) -> None:
@@ -212,6 +234,7 @@ def show(
             ("context length", m["context_length"]),
             ("embedding length", m["embedding_length"]),
             ("quantization", m["quant"]),
+            ("memory", _memory_text(info["memory"])),
         ]
     )
     p = info["projector"]

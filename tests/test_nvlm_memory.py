@@ -1,0 +1,59 @@
+"""``mmchat.memory``: what a model needs (weights + KV cache + compute) against the machine,
+stated by ``mmchat run`` before loading (always with --verbose, and whenever it does not fit)
+and by ``mmchat show``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmchat.memory import MemoryEstimate, available_memory, describe, estimate
+
+SRC = Path(__file__).parent / "fixtures" / "nvlm" / "nvlm_d"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from mmchat.converters import convert
+
+    r = convert(SRC, outdir=tmp_path_factory.mktemp("mem"), quant="f32", vision_quant="f32")
+    return r.model_path, r.mmproj_path
+
+
+def test_estimate_counts_weights_and_the_kv_cache(files: tuple[Path, Path]) -> None:
+    text, mmproj = files
+    est = estimate(text, mmproj, n_ctx=1024, kv_type="f16")
+    assert est.weights == text.stat().st_size + mmproj.stat().st_size
+    # 2 layers x 1024 positions x 2 KV heads x (16 + 16) dims x 2 bytes
+    assert est.kv_cache == 2 * 1024 * 2 * 32 * 2
+    assert estimate(text, None, n_ctx=2048, kv_type="f32").kv_cache == 4 * est.kv_cache
+    assert est.total == est.weights + est.kv_cache + est.compute
+
+
+def test_describe_says_when_it_does_not_fit() -> None:
+    est = MemoryEstimate(weights=40 * 10**9, kv_cache=2 * 10**9, compute=10**8)
+    assert "needs about 42.1 GB" in describe(est, None)
+    assert "will not fit" in describe(est, 8 * 10**9)
+    assert "will not fit" not in describe(est, 64 * 10**9)
+    avail = available_memory()
+    assert avail is None or avail > 0
+
+
+def test_run_states_the_memory_before_loading(files: tuple[Path, Path], tmp_path: Path) -> None:
+    text, mmproj = files
+    env = dict(os.environ, MMCHAT_HOME=str(tmp_path / "home"), COLUMNS="300")
+    r = subprocess.run(
+        [sys.executable, "-m", "mmchat", "run", str(text), "--mmproj", str(mmproj),
+         "--verbose", "--max-tokens", "1", "hi"],
+        capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    mem = [i for i, line in enumerate(lines) if "needs about" in line]
+    load = [i for i, line in enumerate(lines) if "load duration" in line]
+    assert mem and load and mem[0] < load[0]
+    assert "available" in lines[mem[0]]
