@@ -243,7 +243,12 @@ def test_mmchat_run_end_to_end(outdir: Path, tmp_path: Path) -> None:
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert "Added image './landscape.png'" in r.stderr
+    # the tile grid, and the KV cells: 3 tiles of 256 rows + the tag tokens
+    meta, _ = goldens()
+    cells = 3 * ROWS_PER_TILE + sum(len(t) for t in meta["images"]["landscape"]["tag_ids"])
+    assert f"Added image './landscape.png' (640×360, 2×1 tiles + thumbnail, {cells} tokens)" in (
+        r.stderr
+    )
 
 
 # --- the dummy heads -------------------------------------------------------------------------

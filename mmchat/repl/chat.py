@@ -190,7 +190,9 @@ class Chat:
                 self.inform(f"Added audio '{att.display}' ({att.tokens} tokens)")
             else:
                 w, h = att.image.width, att.image.height  # type: ignore[union-attr]
-                self.inform(f"Added image '{att.display}' ({w}×{h}, {att.tokens} tokens)")
+                grid = getattr(self.model.vision, "describe", None)  # tiled engines (NVLM-D)
+                tiles = f", {grid(att.image)}" if callable(grid) else ""
+                self.inform(f"Added image '{att.display}' ({w}×{h}{tiles}, {att.tokens} tokens)")
         return out
 
     def _tokens(self, media: Any) -> int:

@@ -132,6 +132,7 @@ class InternVitEngine(VisionEngine):
         n_threads: int | None = None,
         device: str | None = None,
         max_batch: int = 8,
+        fast_math: bool = False,
         cache: EmbeddingCache | None = None,
         disk_cache: bool | Path = False,
     ) -> None:
@@ -142,6 +143,8 @@ class InternVitEngine(VisionEngine):
             MMV_ERR_OUT_OF_MEMORY,
         )
 
+        if fast_math:  # f16 K/V in attention, tanh GELU: not exact, a cache of its own
+            self.kind = "mmvision-fast"
         super().__init__(mmproj, cache=cache, disk_cache=disk_cache)
         meta = read_gguf(mmproj, role="projector (mmproj)")
         self.min_tiles = int(meta.get("internvit.tiling.min_tiles", 1))
@@ -166,6 +169,7 @@ class InternVitEngine(VisionEngine):
                 n_threads=n_threads,
                 expected_n_embd=text_n_embd,
                 max_batch=max_batch,
+                fast_math=fast_math,
             )
         except NativeError as exc:
             if exc.status == MMV_ERR_INVALID_ARGUMENT:
