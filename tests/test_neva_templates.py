@@ -10,6 +10,7 @@ from mmchat.converters.families.neva_templates import (
     LLAVA_LLAMA_2_SYSTEM,
     NVGPT_LABEL,
     NVGPT_SYSTEM,
+    VICUNA_V1_SYSTEM,
     neva_template,
 )
 
@@ -33,6 +34,10 @@ EXPECTED = {
     "llama_2": (
         f"  [INST] <<SYS>>\n{LLAVA_LLAMA_2_SYSTEM}\n<</SYS>>\n\n{IMG}\nWhat is this? [/INST]"
         " A cat. </s><s> [INST] Which colour? [/INST]"
+    ),
+    "v1": (
+        f" {VICUNA_V1_SYSTEM} USER: {IMG}\nWhat is this? ASSISTANT: A cat.</s> USER: Which "
+        "colour? ASSISTANT:"
     ),
     "llama_3": (
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"

@@ -104,14 +104,14 @@ def _llama_2(image: str) -> str:
 
 
 def _vicuna_v1(image: str) -> str:
-    # "{system} USER: {user} ASSISTANT: {answer}</s>USER: ... ASSISTANT:" (NeMo's sep2 is
-    # <extra_id_7>, swapped for </s>)
+    # "{system} USER: {user} ASSISTANT: {answer}</s> USER: ... ASSISTANT:" (NeMo's sep2 is
+    # <extra_id_7>, swapped for </s>; a space after it when a turn follows)
     return (
         _system(VICUNA_V1_SYSTEM) + "{{- system + ' ' -}}"
         "{%- for message in messages -%}" + _CONTENT + "{%- if message['role'] == 'user' -%}"
         f"{{{{- 'USER: ' + ({_js(image + chr(10))} * n_images) + text + ' ' -}}}}"
         "{%- elif message['role'] == 'assistant' -%}"
-        "{{- 'ASSISTANT: ' + text + '</s>' -}}"
+        "{{- 'ASSISTANT: ' + text + '</s>' -}}{%- if not loop.last -%}{{- ' ' -}}{%- endif -%}"
         "{%- endif -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
