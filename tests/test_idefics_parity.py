@@ -268,3 +268,12 @@ def test_two_sequences_in_one_context(outdir: Path) -> None:
         assert be.ctx.n_images(0) == 1 and be.ctx.n_images(1) == 2
     finally:
         be.close()
+
+
+def test_vocab_only_tokenizer(runtime: Any) -> None:
+    v = runtime.vocab
+    assert (v.n_vocab, v.n_embd, v.bos, v.eos) == (514, 64, 1, 2)
+    assert v.special_tokens()["<image>"] == 513
+    assert "User:" in (v.chat_template() or "")
+    assert v.meta("mmchat.tokenizer.legacy_spaces") == "true"
+    assert v.is_eog(2) and not v.is_eog(513)

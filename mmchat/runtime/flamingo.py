@@ -65,14 +65,19 @@ class VocabModel(TextModel):
         self.ptr = ptr
         self.vocab = C.llama_model_get_vocab(ptr)
         self.n_vocab = int(C.llama_vocab_n_tokens(self.vocab))
-        self.n_embd = int(C.llama_model_n_embd(ptr))
+        self._piece_cache: dict[int, bytes] = {}
+        # a vocab-only load reads no hyper-parameters: take them from the metadata
+        self.n_embd = int(self.meta("llama.embedding_length") or 0)
         self.n_embd_inp = self.n_embd
         self.n_pos_per_embd = 1
-        self.n_ctx_train = int(C.llama_model_n_ctx_train(ptr))
+        self.n_ctx_train = int(self.meta("llama.context_length") or 0)
         self.bos = int(C.llama_vocab_bos(self.vocab))
         self.eos = int(C.llama_vocab_eos(self.vocab))
         self.add_bos = bool(C.llama_vocab_get_add_bos(self.vocab))
-        self._piece_cache: dict[int, bytes] = {}
+
+    def desc(self) -> str:
+        n_layer = self.meta("llama.block_count") or "?"
+        return f"idefics {n_layer} layers, {self.n_embd} wide (cross-attention decoder)"
 
 
 # --- sampling ---------------------------------------------------------------------------
