@@ -278,6 +278,10 @@ def test_unknown_projector_and_non_neva(tmp_path: Path) -> None:
     cfg["mm_cfg"]["mm_mlp_adapter_type"] = "qformer_magic"
     members["./model_config.yaml"] = yaml.safe_dump(cfg).encode()
     _convert_fails(_tar(tmp_path / "p.nemo", members), tmp_path / "o", "projector 'qformer_magic'")
+    cfg["mm_cfg"]["mm_mlp_adapter_type"] = "linear"
+    cfg["transformer_block_type"] = "post_ln"
+    members["./model_config.yaml"] = yaml.safe_dump(cfg).encode()
+    _convert_fails(_tar(tmp_path / "b.nemo", members), tmp_path / "o", "post_ln")
     del cfg["mm_cfg"]
     members["./model_config.yaml"] = yaml.safe_dump(cfg).encode()
     _convert_fails(_tar(tmp_path / "g.nemo", members), tmp_path / "o", "not a NeVA")

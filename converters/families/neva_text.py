@@ -194,6 +194,15 @@ def text_plan(ckpt: Checkpoint, cfg: dict[str, Any]) -> tuple[TextHParams, list[
         raise UserError(
             "Only rotary position embeddings (position_embedding_type: rope) are supported"
         )
+    for key, want in (
+        ("transformer_block_type", "pre_ln"),
+        ("normalize_attention_scores", True),
+        ("headscale", False),
+        ("num_moe_experts", None),
+    ):
+        got = cfg.get(key, want)
+        if got is not None and got != want:
+            raise UserError(f"NeVA language model with {key}: {got!r} is not supported")
     emb = require(ckpt, lay.embed, "token embeddings")
     if len(emb.shape) != 2:
         raise CorruptFileError(f"{lay.embed} must be 2-D")
