@@ -177,11 +177,15 @@ def mtmd_reference(
             layout.append(Chunk(kind, n_tok, n_pos, toks, nx, ny))
 
         new_n_past = L.llama_pos(0)
-        rc = M.mtmd_helper_eval_chunks(
-            mctx, lctx, chunks, 0, 0, n_batch, True, ctypes.byref(new_n_past)
-        )
-        if rc != 0:
-            raise RuntimeError(f"mtmd_helper_eval_chunks failed ({rc})")
+        brk = _img_break(mmproj)
+        if brk is None:
+            rc = M.mtmd_helper_eval_chunks(
+                mctx, lctx, chunks, 0, 0, n_batch, True, ctypes.byref(new_n_past)
+            )
+            if rc != 0:
+                raise RuntimeError(f"mtmd_helper_eval_chunks failed ({rc})")
+        else:
+            _eval_pixtral(M, mctx, lctx, chunks, n_batch, brk, new_n_past)
         ptr = L.llama_get_logits_ith(lctx, -1)
         if not ptr:
             raise RuntimeError("llama.cpp returned no logits for the last position")
@@ -204,6 +208,52 @@ def mtmd_reference(
             L.llama_free(lctx)
         L.llama_model_free(lmodel)
         del keep
+
+
+def _img_break(mmproj: Path) -> np.ndarray | None:
+    """Pixtral's [IMG_BREAK] row, when the projector has one."""
+    import gguf
+
+    for t in gguf.GGUFReader(str(mmproj)).tensors:
+        if t.name == "v.token_embd.img_break":
+            return np.asarray(t.data, dtype=np.float32).reshape(-1)
+    return None
+
+
+def _eval_pixtral(
+    M: Any, mctx: Any, lctx: Any, chunks: Any, n_batch: int, brk: np.ndarray, n_past: Any
+) -> None:
+    """``mtmd_helper_eval_chunks`` spelled out (the same helper calls, chunk by chunk), with
+    one repair: llama.cpp's Pixtral graph computes each [IMG_BREAK] row as 0 * (an
+    uninitialised tensor) + img_break, which is NaN whenever that memory holds a NaN or an
+    infinity (it depends on the allocator, so llama.cpp's own path fails at random). The
+    repaired rows are what that graph computes when the memory is finite: img_break itself
+    (mmchat's engine does the same: ``mmchat.vision.mtmd.repair_image_breaks``)."""
+    from mmchat.vision.mtmd import repair_image_breaks
+
+    n = int(M.mtmd_input_chunks_size(chunks))
+    for i in range(n):
+        ch = M.mtmd_input_chunks_get(chunks, i)
+        last = i == n - 1
+        if int(M.mtmd_input_chunk_get_type(ch)) == int(M.MTMD_INPUT_CHUNK_TYPE_TEXT):
+            rc = M.mtmd_helper_eval_chunk_single(
+                mctx, lctx, ch, n_past.value, 0, n_batch, last, ctypes.byref(n_past)
+            )
+            if rc != 0:
+                raise RuntimeError(f"mtmd_helper_eval_chunk_single failed ({rc})")
+            continue
+        if M.mtmd_encode_chunk(mctx, ch) != 0:
+            raise RuntimeError("mtmd_encode_chunk failed")
+        n_tok = int(M.mtmd_input_chunk_get_n_tokens(ch))
+        out = M.mtmd_get_output_embd(mctx)
+        rows = np.ctypeslib.as_array(out, shape=(n_tok * brk.shape[0],)).reshape(n_tok, -1)
+        rows[...] = repair_image_breaks(rows.copy(), brk)
+        no_callback = ctypes.cast(None, M.mtmd_helper_post_decode_callback)
+        rc = M.mtmd_helper_decode_image_chunk(
+            mctx, lctx, ch, out, n_past.value, 0, n_batch, ctypes.byref(n_past), no_callback, None
+        )
+        if rc != 0:
+            raise RuntimeError(f"mtmd_helper_decode_image_chunk failed ({rc})")
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
