@@ -248,7 +248,7 @@ def _eval_pixtral(
         out = M.mtmd_get_output_embd(mctx)
         rows = np.ctypeslib.as_array(out, shape=(n_tok * brk.shape[0],)).reshape(n_tok, -1)
         rows[...] = repair_image_breaks(rows.copy(), brk)
-        no_callback = ctypes.cast(None, M.mtmd_helper_post_decode_callback)
+        no_callback = M.mtmd_helper_post_decode_callback()  # a NULL function pointer
         rc = M.mtmd_helper_decode_image_chunk(
             mctx, lctx, ch, out, n_past.value, 0, n_batch, ctypes.byref(n_past), no_callback, None
         )
