@@ -7,8 +7,12 @@ prints the aggregate decode rate (generated tokens / wall time of the round) and
 p95 time to first token seen by the clients, then the ratios N vs 1. Goal (issue 20): with
 4 clients, >= 2.5x the aggregate tokens/s of --parallel 1 and a p95 TTFT no worse.
 
-    .venv/bin/python benchmarks/serve_parallel.py                    # the demo model
+    .venv/bin/python benchmarks/serve_parallel.py          # a synthetic ~60M-parameter Llama
     .venv/bin/python benchmarks/serve_parallel.py --model M.gguf --parallel 4 --tokens 64
+
+The default model is benchmarks/chat.py's: the llava15_hf fixture grown to a Llama of 768 x 8
+layers (f16, random weights: greedy replies run to the token limit, so every reply has the
+same length).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def start(home: Path, parallel: int, threads: int | None, ctx: int) -> tuple[Any, str]:
@@ -78,6 +83,7 @@ def round_of(url: str, model: str, clients: int, per_client: int, tokens: int) -
     def client(c: int) -> None:
         for k in range(per_client):
             prompt = f"Tell me a long story number {c * 100 + k} about shapes and colours."
+            # (different prompts, so no request reuses another's KV prefix)
             first, n, _ = stream_once(url, model, prompt, tokens)
             with lock:
                 ttfts.append(first)
@@ -108,6 +114,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48, help="new tokens per reply")
     ap.add_argument("--per-client", type=int, default=2, help="requests per client per round")
     ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "mmchat-bench-models",
+        help="where the synthetic model is written (kept for the next run)",
+    )
     args = ap.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="mmchat-bench-par-"))
@@ -115,10 +127,11 @@ def main() -> None:
 
     store = Store(home)
     if args.model is None:
-        from mmchat.converters import convert
+        from chat import convert_model, scaled_fixture
 
-        res = convert(ROOT / "mmchat" / "data" / "demo", outdir=home / "demo", name="bench")
-        model, mmproj = res.model_path, res.mmproj_path
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        src = scaled_fixture(args.workdir, hidden=768, layers=8, ffn=2048, heads=12)
+        model, mmproj = convert_model(src, args.workdir, "f16")
     else:
         model, mmproj = args.model, args.mmproj
     store.register("bench", model=model, mmproj=mmproj)
