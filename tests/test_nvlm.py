@@ -377,3 +377,32 @@ def test_truncated_mmproj_is_one_clear_error(outdir: Path, tmp_path: Path) -> No
     with pytest.raises(UserError) as exc:
         open_vision(bad, text_n_embd=N_EMBD, device="cpu")
     assert "\n" not in str(exc.value)
+
+
+def test_slow_tokenizer_files_give_the_same_vocabulary(outdir: Path, tmp_path: Path) -> None:
+    """A checkpoint with vocab.json + merges.txt (+ added_tokens_decoder) and no
+    tokenizer.json converts to the same GGUF vocabulary."""
+    from gguf import GGUFReader
+    from mmchat.converters import convert
+
+    src = tmp_path / "src"
+    shutil.copytree(SRC, src)
+    tj = json.loads((src / "tokenizer.json").read_text())
+    (src / "tokenizer.json").unlink()
+    (src / "vocab.json").write_text(json.dumps(tj["model"]["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tcfg = json.loads((src / "tokenizer_config.json").read_text())
+    tcfg["added_tokens_decoder"] = {
+        str(a["id"]): {"content": a["content"], "special": a["special"]} for a in tj["added_tokens"]
+    }
+    (src / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    slow = convert(src, outdir=tmp_path / "out", quant="f32", vision_quant="f32").model_path
+    fast, _ = converted(outdir)
+
+    def vocab(path: Path) -> list[list[Any]]:
+        r = GGUFReader(path)
+        keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
+        return [list(r.fields[k].contents()) for k in keys]
+
+    assert vocab(slow) == vocab(fast)

@@ -137,15 +137,42 @@ def _merge_text(m: Any) -> str:
     raise CorruptFileError(f"tokenizer.json has a malformed merge {m!r}")
 
 
+def _slow_files(folder: Path) -> dict[str, Any]:
+    """``vocab.json`` + ``merges.txt`` + ``tokenizer_config.json``'s added tokens, in
+    tokenizer.json's shape (a checkpoint saved without the fast tokenizer)."""
+    vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
+    if not vocab_path.is_file() or not merges_path.is_file():
+        raise UserError(
+            f"No tokenizer in {folder}: expected tokenizer.json, or vocab.json + merges.txt "
+            "(Qwen2 byte-level BPE)"
+        )
+    try:
+        lines = merges_path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"Cannot read {merges_path}: {exc}") from exc
+    merges = [ln for ln in lines if ln and not ln.startswith("#version")]
+    added = []
+    decoder = read_json_opt(folder / "tokenizer_config.json").get("added_tokens_decoder") or {}
+    for key, entry in decoder.items():
+        if str(key).isdigit() and isinstance(entry, dict):
+            added.append({**entry, "id": int(key)})
+    return {
+        "model": {"type": "BPE", "vocab": read_json_opt(vocab_path), "merges": merges},
+        "added_tokens": added,
+    }
+
+
 def load_bpe_vocab(
     folder: Path, *, vocab_size: int, config: dict[str, Any], default_template: str
 ) -> Vocab:
     """A byte-level BPE ``tokenizer.json`` (Qwen2's) as a ``gpt2``/``qwen2`` GGUF vocabulary
     of exactly ``vocab_size`` entries (rows past the tokenizer are ``[PAD{i}]``, unused)."""
     tj_path = folder / "tokenizer.json"
-    if not tj_path.is_file():
-        raise UserError(f"No tokenizer in {folder}: expected tokenizer.json (Qwen2 byte-level BPE)")
-    tj = read_json_opt(tj_path)
+    if tj_path.is_file():
+        tj = read_json_opt(tj_path)
+    else:
+        tj = _slow_files(folder)
+        tj_path = folder / "vocab.json"
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise UserError(f"{tj_path} is not a byte-level BPE tokenizer (Qwen2's)")
