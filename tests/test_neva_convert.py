@@ -133,6 +133,10 @@ def test_image_rows_and_logits_match_neva(name: str, outroot: str) -> None:
         px = eng.pixels(img)  # type: ignore[attr-defined]
         assert rel_l2(px, gold["pixels"]) < 1e-5
         rows = eng.encode(img).embeddings
+        # a non-square image: resize + centre crop ('square'), or pad first ('pad')
+        wide = load_image(FX / "wide.png")
+        assert rel_l2(eng.pixels(wide), gold["pixels_wide"]) < 1e-5  # type: ignore[attr-defined]
+        assert rel_l2(eng.encode(wide).embeddings, gold["rows_wide"]) < 2e-3
     assert rows.shape == gold["rows"].shape
     assert rel_l2(rows, gold["rows"]) < 2e-3
     ids = [int(x) for x in gold["ids"]]

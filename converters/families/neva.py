@@ -43,6 +43,9 @@ from .neva_templates import adds_dummy_prefix, hf_tokenizer, neva_template, turn
 from .neva_text import Layout, cfg_get, text_plan
 from .qwen2_text import load_bpe_vocab
 
+# the mmproj key mmchat's LLaVA engine reads (mmchat.vision.engine.PREPROCESS_KEY)
+PREPROCESS_KEY = "mmchat.vision.image_preprocess"
+
 
 def nemo_source(source: str | Path) -> Path | None:
     """The path when ``source`` is a ``.nemo`` archive (or one unpacked into a folder); a NeMo
@@ -243,11 +246,12 @@ class NevaFamily:
             notes.append(
                 "sep_image_conv_front is set; mmchat places the image at the message start"
             )
-        if str(data.get("image_aspect_ratio", "square")) != "pad":
-            notes.append(
-                "NeVA resizes and centre-crops non-square images (image_aspect_ratio "
-                f"{data.get('image_aspect_ratio', 'square')!r}); mmchat pads them to a square"
-            )
+        aspect = str(cfg_get(data, "image_aspect_ratio", "square"))
+        if aspect not in ("square", "pad"):
+            raise UserError(f"NeVA image_aspect_ratio {aspect!r} is not supported (square or pad)")
+        # 'square': CLIPImageProcessor's resize of the short side + centre crop; 'pad':
+        # LLaVA's expand2square with the mean colour (the engine's default)
+        vision_kv = [(PREPROCESS_KEY, "resize_crop")] if aspect == "square" else []
         eos = turn_end_token(conv)
         eos_id: int | None = None
         vocab: Vocab | None = None
@@ -281,4 +285,5 @@ class NevaFamily:
             legacy_spaces=False,
             add_bos=False,  # NeVA's text_to_ids adds no BOS (llama_2 writes <s> itself)
             vocab=vocab,
+            vision_kv=vision_kv,
         )

@@ -26,7 +26,7 @@ from mmchat.vision.cache import (
     file_digest,
     shared_cache,
 )
-from mmchat.vision.image import PreparedImage, llava_pixels
+from mmchat.vision.image import PreparedImage, clip_crop_pixels, llava_pixels
 from mmchat.vision.layout import (
     EmbedSpan,
     Layout,
@@ -37,6 +37,9 @@ from mmchat.vision.layout import (
 )
 
 LLAVA_PROJECTORS = ("mlp", "mlp_norm", "linear", "mlp_deep", "mlp_downsample")  # + NeVA's
+# How the LLaVA engine prepares pixels: absent/"pad" = LLaVA's pad to square + resize,
+# "resize_crop" = CLIPImageProcessor's resize of the short side + centre crop (NeVA)
+PREPROCESS_KEY = "mmchat.vision.image_preprocess"
 
 
 @dataclass
@@ -264,6 +267,8 @@ class LlavaEngine(VisionEngine):
         if fast_math:
             self.kind = "mmvision-fast"
         super().__init__(mmproj, cache=cache, disk_cache=disk_cache)
+        # NeVA ("square" in NeMo): CLIPImageProcessor's resize + centre crop, not LLaVA's pad
+        self.centre_crop = read_gguf(mmproj).get(PREPROCESS_KEY) == "resize_crop"
         library = load_library()
         try:
             self.model = NativeVisionModel(
@@ -314,7 +319,8 @@ class LlavaEngine(VisionEngine):
 
     def pixels(self, image: PreparedImage) -> np.ndarray:
         """The preprocessed [3, S, S] tensor this engine feeds the encoder."""
-        return llava_pixels(image, self.info.image_size, self.info.image_mean, self.info.image_std)
+        prepare = clip_crop_pixels if self.centre_crop else llava_pixels
+        return prepare(image, self.info.image_size, self.info.image_mean, self.info.image_std)
 
     def _encode_batch(self, images: Sequence[PreparedImage]) -> list[ImageEmbedding]:
         from mmchat.native import NativeError

@@ -179,6 +179,33 @@ def expand_to_square(img: Image.Image, colour: tuple[int, int, int]) -> Image.Im
     return out
 
 
+def clip_crop_pixels(
+    image: PreparedImage | Image.Image,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> np.ndarray:
+    """Pixels as transformers' CLIPImageProcessor prepares them (NeMo NeVA's
+    ``image_aspect_ratio: square``): bicubic resize of the short side to ``size`` (the long
+    side ``int(size * long / short)``), centre crop to ``size`` x ``size``, float32
+    [3, size, size]."""
+    img = image.image if isinstance(image, PreparedImage) else image
+    if img.mode != "RGB":
+        img = _to_rgb(img)
+    w, h = img.size
+    short, long = min(w, h), max(w, h)
+    if short != size:
+        new_long = int(size * long / short)
+        new = (size, new_long) if w <= h else (new_long, size)
+        img = img.resize(new, Image.Resampling.BICUBIC)
+    w, h = img.size
+    top, left = (h - size) // 2, (w - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    a = np.asarray(img, dtype=np.float64) / 255.0
+    a = (a - np.asarray(mean, dtype=np.float64)) / np.asarray(std, dtype=np.float64)
+    return np.ascontiguousarray(a.transpose(2, 0, 1)).astype(np.float32)
+
+
 def llava_pixels(
     image: PreparedImage | Image.Image,
     size: int,
