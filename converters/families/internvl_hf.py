@@ -188,14 +188,14 @@ class InternVLHF:
             raise UserError(f"projector activation {config.get('projector_hidden_act')!r}")
         ckpt = open_checkpoint(folder)
         names = set(ckpt.names())
-        if any(n.startswith("model.vision_tower.") for n in names):  # transformers 5
+        if any(n.startswith("model.vision_tower.") for n in names):  # a raw state dict
             vp, mp, tp, head = (
                 "model.vision_tower.",
                 "model.multi_modal_projector.",
                 "model.language_model.",
                 "lm_head.weight",
             )
-        else:  # transformers 4.5x
+        else:  # the hub layout (what save_pretrained writes)
             vp, mp, tp, head = (
                 "vision_tower.",
                 "multi_modal_projector.",

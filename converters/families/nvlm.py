@@ -267,32 +267,40 @@ class NvlmD:
     """NVLM-D (``nvidia/NVLM-D-72B`` layout)."""
 
     name: ClassVar[str] = "nvlm_d"
+    label: ClassVar[str] = "NVLM-D"
     architectures: ClassVar[tuple[str, ...]] = ("NVLM_D",)
+    prompt_style: ClassVar[str] = "nvlm"
+    default_max_tiles: ClassVar[int] = 6
 
     @classmethod
     def detect(cls, config: dict[str, Any]) -> bool:
         archs = config.get("architectures") or []
-        return "NVLM_D" in archs or (not archs and config.get("model_type") == "NVLM_D")
+        arch = cls.architectures[0]
+        return arch in archs or (not archs and config.get("model_type") == arch)
 
     def plan(
         self, folder: Path, config: dict[str, Any], *, vision_tower: Path | None
     ) -> FamilyPlan:
         if vision_tower is not None:
-            raise UserError("--vision-tower does not apply to NVLM-D: it has its own encoder")
+            raise UserError(
+                f"--vision-tower does not apply to {self.label}: it has its own encoder"
+            )
         vcfg = dict(config.get("vision_config") or {})
         lcfg = dict(config.get("llm_config") or {})
         llm_arch = (lcfg.get("architectures") or ["Qwen2ForCausalLM"])[0]
         if llm_arch != "Qwen2ForCausalLM" and lcfg.get("model_type") != "qwen2":
-            raise UserError(f"NVLM-D with a {llm_arch} language model is not supported (Qwen2 is)")
+            raise UserError(
+                f"{self.label} with a {llm_arch} language model is not supported (Qwen2 is)"
+            )
         ps = str(config.get("ps_version", "v1"))
         ratio = float(config.get("downsample_ratio", 0.5))
         select = int(config.get("select_layer", -1))
         if ps != "v2" or ratio != 0.5:
             raise UserError(
-                f"NVLM-D with pixel shuffle {ps} at {ratio} is not supported (v2 at 0.5 is)"
+                f"{self.label} with pixel shuffle {ps} at {ratio} is not supported (v2 at 0.5 is)"
             )
         if select != -1:
-            raise UserError(f"select_layer {select} is not supported (NVLM-D uses -1)")
+            raise UserError(f"select_layer {select} is not supported (only -1, the last block)")
         ckpt = open_checkpoint(folder)
         text_hp, text_jobs = qwen2_text_plan(
             ckpt, lcfg, prefix="language_model.model.", lm_head="language_model.lm_head.weight"
@@ -304,7 +312,9 @@ class NvlmD:
         mm_jobs = mlp1_jobs(ckpt, vhp["n_embd"] * 4, text_hp.n_embd)
         min_t = int(config.get("min_dynamic_patch", 1))
         max_t = (
-            int(config.get("max_dynamic_patch", 6)) if config.get("dynamic_image_size", True) else 1
+            int(config.get("max_dynamic_patch", self.default_max_tiles))
+            if config.get("dynamic_image_size", True)
+            else 1
         )
         if not 1 <= min_t <= max_t <= 40:
             raise UserError(f"dynamic patch bounds {min_t}..{max_t} are not supported")
@@ -321,7 +331,7 @@ class NvlmD:
             min_tiles=min_t,
             max_tiles=max_t,
             use_thumbnail=bool(config.get("use_thumbnail", True)),
-            prompt_style="nvlm",
+            prompt_style=self.prompt_style,
         )
         notes = []
         if vhp["dummy_heads"]:
@@ -329,9 +339,13 @@ class NvlmD:
         vocab = load_bpe_vocab(
             folder, vocab_size=text_hp.n_vocab, config=lcfg, default_template=CHATML_TEMPLATE
         )
+        if self.prompt_style == "internvl":
+            for tag in ("<img>", "</img>"):
+                if tag not in vocab.tokens:
+                    raise UserError(f"the tokenizer has no {tag} token (InternVL's image wrapper)")
         return FamilyPlan(
             family=self.name,
-            architecture="NVLM_D",
+            architecture=self.architectures[0],
             text=text_hp,
             text_tensors=text_jobs,
             vision=vision,
@@ -347,4 +361,17 @@ class NvlmD:
         )
 
 
-FAMILIES = (NvlmD,)
+class InternVLChat(NvlmD):
+    """InternVL's own remote-code layout (``InternVLChatModel``: ``vision_model.*``,
+    ``mlp1.*``, ``language_model.*``) with a Qwen2 language model: the NVLM-D path without
+    dummy heads, with biases where the checkpoint has them and InternVL's prompt
+    (``<img>`` rows ``</img>``)."""
+
+    name: ClassVar[str] = "internvl_chat"
+    label: ClassVar[str] = "InternVL"
+    architectures: ClassVar[tuple[str, ...]] = ("InternVLChatModel",)
+    prompt_style: ClassVar[str] = "internvl"
+    default_max_tiles: ClassVar[int] = 12
+
+
+FAMILIES = (NvlmD, InternVLChat)
