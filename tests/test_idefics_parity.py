@@ -277,3 +277,44 @@ def test_vocab_only_tokenizer(runtime: Any) -> None:
     assert "User:" in (v.chat_template() or "")
     assert v.meta("mmchat.tokenizer.legacy_spaces") == "true"
     assert v.is_eog(2) and not v.is_eog(513)
+
+
+def test_float_gates_no_qk_norms_no_perceiver(tmp_path: Path) -> None:
+    """The published configuration's other paths: scalar tanh gates, no qk norms, and
+    use_resampler False (all 1 + n_patches ViT rows reach the cross-attention)."""
+    from mmchat.converters import convert
+
+    from mmchat.runtime._llama import build_sampler
+    from mmchat.runtime.flamingo import IdeficsRuntime
+
+    meta, g = goldens()
+    r = convert(ROOT / "idefics_float", outdir=tmp_path, quant="f32", vision_quant="f32")
+    rt = IdeficsRuntime.open(r.model_path, r.mmproj_path, n_ctx=96, n_threads=2, device="cpu")
+    try:
+        assert rt.engine.info.n_tokens == 10 and rt.backend.info.n_cross == 1
+        for name in meta["images"]:
+            rows = rt.engine.encode(load_image(ROOT / "images" / f"{name}.png")).embeddings
+            assert rel_l2(rows, g[f"float/image/{name}/rows"]) < 1e-5, name
+        for name, p in meta["float_prompts"].items():
+            img_rows = [g[f"float/image/{n}/rows"] for n in p["images"]]
+            logits = rt.evaluate_ids(p["input_ids"], img_rows)
+            assert rel_l2(logits, g[f"float/prompt/{name}/logits"][-1]) < 1e-4, name
+            chain = build_sampler(
+                rt.vocab,
+                temperature=0.0,
+                top_k=40,
+                top_p=1.0,
+                min_p=0.0,
+                repeat_penalty=1.0,
+                repeat_last_n=64,
+                frequency_penalty=0.0,
+                presence_penalty=0.0,
+                seed=0,
+                grammar=None,
+            )
+            try:
+                assert rt.generate(p["input_ids"], img_rows, 8, chain) == p["greedy"], name
+            finally:
+                chain.close()
+    finally:
+        rt.close()
