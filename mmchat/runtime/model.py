@@ -175,8 +175,9 @@ class LoadedModel:
 
     @property
     def scheduler(self) -> Any:
-        """The ``BatchScheduler`` of a model loaded with ``n_parallel > 1`` (else None)."""
-        if self.n_seq <= 1:
+        """The ``BatchScheduler`` of a model loaded with ``n_parallel > 1`` or ``scheduled``
+        (else None: replies are decoded by the caller's thread)."""
+        if self.n_seq <= 1 and not self.options.scheduled:
             return None
         with self._scheduler_lock:
             if self._scheduler is None:

@@ -62,6 +62,9 @@ class LoadOptions:
     """Sequences served at once (``mmchat serve --parallel``): the context holds
     ``n_parallel`` sequences of ``n_ctx`` cells each, decoded together in every step. The
     REPL and one-shot use 1."""
+    scheduled: bool = False
+    """Serve replies through a ``BatchScheduler`` even with one sequence (``mmchat serve``
+    does): one thread owns the context and streams every reply. The REPL calls directly."""
     max_queue: int = 64
     """With ``n_parallel`` > 1: requests that may wait for a free sequence before new ones are
     refused (``QueueFullError``; the server's 503)."""

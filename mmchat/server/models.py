@@ -379,7 +379,7 @@ class ModelManager:
             from mmchat.runtime.parallel import auto_parallel
 
             parallel = auto_parallel(record.model_path, options.n_ctx, options.kv_cache_type)
-        options = replace(options, n_parallel=max(1, parallel))
+        options = replace(options, n_parallel=max(1, parallel), scheduled=True)
         loader = self._loader
         if loader is None:
             from mmchat.runtime import load_model
