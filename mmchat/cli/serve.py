@@ -109,7 +109,7 @@ def serve(
         "MMCHAT_NUM_PARALLEL, else up to 4 by the model's size, the context and free memory.",
     ),
     max_queue: int = typer.Option(
-        64, "--max-queue", min=0, help="Requests waiting per model before 503 (with --parallel)."
+        64, "--max-queue", min=0, help="Requests waiting per model before 503."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request."),
 ) -> None:

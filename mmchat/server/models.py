@@ -3,11 +3,10 @@
 - One ``LoadedModel`` per store name, reloaded (once the requests holding it are done)
   when the store's content for the name changes or a request needs another context size:
   its ``num_ctx``, else the model's stored ``num_ctx``, else the server's ``--ctx``.
-- Requests to a loaded model are served one at a time in arrival order (the runtime's
-  ``LoadedModel.lock`` is a FIFO lock, so the model's queue is the lock's queue), or, with
-  ``parallel`` > 1 sequences, several at once by the model's ``BatchScheduler`` (continuous
-  batching; its queue is FIFO and bounded). ``parallel=None`` picks it per model from the
-  model's size, the context and the free memory (``mmchat.runtime.parallel``).
+- Requests to a loaded model are answered by the model's ``BatchScheduler``: ``parallel``
+  at once (continuous batching over that many sequences; 1: one at a time), the rest in
+  a bounded FIFO queue. ``parallel=None`` picks it per model from the model's size, the
+  context and the free memory (``mmchat.runtime.parallel``).
 - ``keep_alive`` (Ollama's semantics): after a request the model stays loaded that long;
   0 unloads it as soon as it is idle, a negative value keeps it loaded. A background
   thread (the reaper) unloads idle models whose time is up. A model is never closed while
