@@ -2,7 +2,8 @@
 
 A ``.nemo`` file is a tar (plain or gzip) holding ``model_config.yaml`` and the weights as
 ``model_weights.ckpt`` (one rank), ``mp_rank_XX/model_weights.ckpt`` (tensor parallel) or
-``tp_rank_XX_pp_rank_YYY/model_weights.ckpt`` (tensor + pipeline parallel), plus artifacts
+``tp_rank_XX_pp_rank_YYY/model_weights.ckpt`` (tensor + pipeline parallel) or a Megatron-core
+distributed checkpoint ``model_weights/`` (read by ``nemo_dist.py``), plus artifacts
 such as the SentencePiece ``tokenizer.model`` the config names as ``nemo:<file>``.
 
 Safety: members are never extracted by ``tarfile``'s own logic. Every member name is checked
@@ -25,6 +26,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -35,6 +37,7 @@ import numpy as np
 from mmchat.errors import CorruptFileError, UserError
 
 from .checkpoint import Checkpoint, TensorRef
+from .nemo_dist import DIST_DIR, DistCheckpoint
 
 CONFIG_NAME = "model_config.yaml"
 WEIGHTS_NAME = "model_weights.ckpt"
@@ -145,6 +148,7 @@ class NemoArchive:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock = threading.Lock()
         self._scratch = _Scratch()
         self._tmp = self._scratch.path
         try:
@@ -257,6 +261,26 @@ class NemoArchive:
             )
         return out
 
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of a member from ``offset`` (chunks of a distributed checkpoint)."""
+        with self._lock:
+            try:
+                if name in self._files:
+                    with self._files[name].open("rb") as fh:
+                        fh.seek(offset)
+                        data = fh.read(length)
+                else:
+                    member = self._tar.extractfile(self._members[name])
+                    if member is None:  # pragma: no cover - isfile() was checked
+                        raise CorruptFileError(f"cannot read {name} from {self.path}")
+                    member.seek(offset)
+                    data = member.read(length)
+            except (tarfile.TarError, EOFError, OSError) as exc:
+                raise CorruptFileError(f"{self.path}: cannot read {name}: {exc}") from exc
+        if len(data) != length:
+            raise CorruptFileError(f"{self.path} is truncated: {name} ends early")
+        return data
+
     def find(self, basename: str) -> str | None:
         """A member whose file name is ``basename`` (NeMo prefixes artifacts with a hash)."""
         names = self.names()
@@ -288,12 +312,12 @@ class NemoArchive:
 
         shards = self._shard_members()
         if not shards:
-            if any(n.startswith("model_weights/") for n in self.names()):
-                raise UserError(
-                    f"{self.path} stores a distributed checkpoint (model_weights/ folder, "
-                    "torch_dist/zarr), whose metadata is a pickle mmchat will not load; "
-                    "re-save it in NeMo with dist_ckpt disabled (model_weights.ckpt) first"
-                )
+            if any(n.startswith(DIST_DIR) for n in self.names()):
+                # Megatron-core's torch_dist checkpoint: global tensors, no shards to merge
+                dist = DistCheckpoint(self.names(), self._read_member, self.read_range)
+                self.tp = 1  # tensors are global whatever the training layout was
+                self.pp = int(self.config.get("pipeline_model_parallel_size") or 1)
+                return Checkpoint(dist.refs(), [])
             raise CorruptFileError(
                 f"{self.path} has no {WEIGHTS_NAME} (nor mp_rank_XX/ or tp_rank_XX_pp_rank_YYY/ "
                 "shards): it holds no weights"
