@@ -318,3 +318,25 @@ def test_float_gates_no_qk_norms_no_perceiver(tmp_path: Path) -> None:
                 chain.close()
     finally:
         rt.close()
+
+
+def test_open_vision_routes_idefics_and_caches_rows(outdir: Path) -> None:
+    from mmchat.runtime.flamingo import IdeficsEngine
+    from mmchat.vision import open_vision
+    from mmchat.vision.cache import EmbeddingCache
+    from mmchat.vision.layout import EmbedSpan, TextSpan
+
+    _, mmproj = files(outdir)
+    eng = open_vision(mmproj, text_n_embd=64, n_threads=2, device="cpu", cache=EmbeddingCache())
+    try:
+        assert isinstance(eng, IdeficsEngine)
+        img = load_image(ROOT / "images" / "portrait.png")
+        first, again = eng.encode(img), eng.encode(img)
+        assert not first.cached and again.cached and eng.encode_count == 1
+        np.testing.assert_array_equal(first.embeddings, again.embeddings)
+        # the <image> token (one position, 6 rows) then <fake_token_around_image>
+        assert tuple(first.layout) == (EmbedSpan(6, 1), TextSpan((512,)))
+    finally:
+        eng.close()
+    with pytest.raises(UserError, match="mmvision only"):
+        open_vision(mmproj, text_n_embd=64, engine="mtmd")

@@ -37,6 +37,7 @@ from PIL import Image
 from mmchat.errors import CorruptFileError, UserError
 from mmchat.runtime import _llama
 from mmchat.runtime._llama import C, SamplerChain, TextModel
+from mmchat.vision.cache import EmbeddingCache
 from mmchat.vision.engine import ImageEmbedding, VisionEngine, read_mmproj_header
 from mmchat.vision.image import PreparedImage
 from mmchat.vision.layout import EmbedSpan, Layout, TextSpan
@@ -335,12 +336,12 @@ class IdeficsEngine(VisionEngine):
         n_threads: int | None = None,
         device: str | None = None,
         max_batch: int = 4,
-        cache: object | None = None,
+        cache: EmbeddingCache | None = None,
         disk_cache: bool | Path = False,
     ) -> None:
         from mmchat.native import NativeError, NativeVisionModel, load_library
 
-        super().__init__(mmproj, cache=cache, disk_cache=disk_cache)  # type: ignore[arg-type]
+        super().__init__(mmproj, cache=cache, disk_cache=disk_cache)
         meta = read_mmproj_header(mmproj)
         try:
             self.image_token = int(meta.get("idefics.image_token_id"))

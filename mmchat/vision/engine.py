@@ -458,6 +458,19 @@ def open_vision(
             cache=cache,
             disk_cache=disk_cache,
         )
+    if proj == "idefics":  # IDEFICS v1: rows for the decoder's cross-attention (issue 18)
+        if engine not in (None, "mmvision"):
+            raise UserError("projector type 'idefics' runs on mmvision only")
+        from mmchat.runtime.flamingo import IdeficsEngine
+
+        return IdeficsEngine(
+            path,
+            n_threads=n_threads,
+            device=device,
+            max_batch=max_batch,
+            cache=cache,
+            disk_cache=disk_cache,
+        )
     chosen = engine or ("mmvision" if runs_on_mmvision(info) else "mtmd")
     if chosen == "mmvision":
         if proj not in LLAVA_PROJECTORS:
