@@ -340,3 +340,33 @@ def test_open_vision_routes_idefics_and_caches_rows(outdir: Path) -> None:
         eng.close()
     with pytest.raises(UserError, match="mmvision only"):
         open_vision(mmproj, text_n_embd=64, engine="mtmd")
+
+
+def test_open_parts_for_the_loader(outdir: Path) -> None:
+    """The loader's entry point: f16 KV (close to f32), timings, and its checks."""
+    from mmchat.gguf_meta import read_gguf
+    from mmchat.runtime.flamingo import is_flamingo, open_parts
+
+    meta, g = goldens()
+    text, mmproj = files(outdir)
+    assert is_flamingo(read_gguf(mmproj, role="projector"))
+    with pytest.raises(UserError, match="f32 or f16"):
+        open_parts(text, mmproj, n_ctx=64, kv_cache_type="q8_0")
+    vocab, be, eng = open_parts(
+        text, mmproj, n_ctx=64, n_seq=2, n_threads=2, device="cpu", kv_cache_type="f16"
+    )
+    try:
+        p = meta["prompts"]["one_image"]
+        ids = p["input_ids"]
+        k = ids.index(meta["image_token_id"])
+        be.decode_tokens(np.asarray(ids[:k]), 0, logits_last=False, seq_id=1)
+        be.decode_embeddings(latents(p["images"])[0], k, logits_last=False, seq_id=1)
+        be.decode_tokens(np.asarray(ids[k + 1 :]), k + 1, logits_last=True, seq_id=1)
+        assert rel_l2(be.last_logits(), g["prompt/one_image/logits"][-1]) < 2e-3
+        perf = be.perf()
+        assert perf["n_prompt_eval"] == len(ids) and perf["n_eval"] == 0
+        assert be.pos_max(1) == len(ids) - 1 and be.pos_max(0) == -1
+    finally:
+        be.close()
+        vocab.close()
+        eng.close()

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from mmchat.errors import CorruptFileError, UserError
+from mmchat.gguf_meta import GGUFInfo
 from mmchat.runtime import _llama
 from mmchat.runtime._llama import C, SamplerChain, TextModel
 from mmchat.vision.cache import EmbeddingCache
@@ -160,6 +161,13 @@ class FlamingoBackend:
         self.image_token = int(image_token)
         self._error = NativeError
         self._mixed: dict[int, np.ndarray] = {}
+        self._perf = {
+            "load_ms": 0.0,
+            "prompt_eval_ms": 0.0,
+            "eval_ms": 0.0,
+            "n_prompt_eval": 0.0,
+            "n_eval": 0.0,
+        }
 
     @property
     def n_pos_per_embd(self) -> int:
@@ -175,6 +183,7 @@ class FlamingoBackend:
         seq_id: int,
     ) -> None:
         n = len(pos)
+        t0 = time.perf_counter()
         for s in range(0, n, self.n_batch):
             e = min(n, s + self.n_batch)
             try:
@@ -187,6 +196,15 @@ class FlamingoBackend:
                 )
             except self._error as exc:
                 raise _llama.DecodeError(3, f"the IDEFICS decoder failed: {exc}") from None
+        ms = (time.perf_counter() - t0) * 1000.0
+        key = "eval" if n == 1 and logits_last else "prompt_eval"
+        self._perf[f"{key}_ms"] += ms
+        self._perf[f"n_{key}"] += n
+
+    def perf(self) -> dict[str, float]:
+        """Timings as ``_llama.Context.perf`` reports them (a single token with logits counts
+        as a generation step)."""
+        return dict(self._perf)
 
     @staticmethod
     def _positions(pos: int | np.ndarray, n: int) -> np.ndarray:
@@ -398,6 +416,66 @@ def idefics_layout(n_rows: int, fake_token: int) -> Layout:
     return (EmbedSpan(int(n_rows), 1), TextSpan((int(fake_token),)))
 
 
+# --- loading ----------------------------------------------------------------------------
+
+
+def is_flamingo(mmproj_info: GGUFInfo) -> bool:
+    """Whether a projector header belongs to a cross-attention model (the loader's switch)."""
+    return str(mmproj_info.get("clip.projector_type", "")) == PROJECTOR
+
+
+def open_parts(
+    text_path: str | Path,
+    mmproj_path: str | Path,
+    *,
+    n_ctx: int,
+    n_seq: int = 1,
+    n_batch: int = 512,
+    n_threads: int | None = None,
+    device: str | None = None,
+    kv_cache_type: str = "f32",
+    n_image_slots: int = 16,
+) -> tuple[VocabModel, FlamingoBackend, IdeficsEngine]:
+    """What ``load_model`` needs for an IDEFICS pair: the tokenizer (in place of
+    ``_llama.TextModel``), the decoder (in place of ``_llama.Context``; ``n_ctx`` positions
+    per sequence) and the vision engine; everything is closed again on failure."""
+    if kv_cache_type not in ("f32", "f16"):
+        raise UserError(
+            f"the IDEFICS decoder keeps its KV cache in f32 or f16, not {kv_cache_type}"
+        )
+    engine = IdeficsEngine(Path(mmproj_path), n_threads=n_threads, device=device)
+    vocab: VocabModel | None = None
+    try:
+        vocab = VocabModel(str(text_path))
+        backend = FlamingoBackend(
+            text_path,
+            n_ctx=n_ctx,
+            n_seq=n_seq,
+            n_batch=n_batch,
+            n_threads=n_threads,
+            device=device,
+            image_token=engine.image_token,
+            eos_token=vocab.eos,
+            n_image_rows=engine.info.n_tokens,
+            n_image_slots=n_image_slots,
+            kv_f16=kv_cache_type == "f16",
+        )
+    except BaseException:
+        if vocab is not None:
+            vocab.close()
+        engine.close()
+        raise
+    if backend.info.n_embd_image != engine.n_embd or backend.info.n_vocab != vocab.n_vocab:
+        backend.close()
+        vocab.close()
+        engine.close()
+        raise UserError(
+            f"{Path(mmproj_path).name} gives image rows of width {engine.n_embd} but the "
+            f"decoder reads {backend.info.n_embd_image}: the files do not belong together"
+        )
+    return vocab, backend, engine
+
+
 # --- direct use ---------------------------------------------------------------------------
 
 
@@ -420,35 +498,14 @@ class IdeficsRuntime:
         n_threads: int | None = None,
         device: str | None = None,
     ) -> IdeficsRuntime:
-        engine = IdeficsEngine(Path(mmproj_path), n_threads=n_threads, device=device)
-        try:
-            vocab = VocabModel(str(text_path))
-        except BaseException:
-            engine.close()
-            raise
-        try:
-            backend = FlamingoBackend(
-                text_path,
-                n_ctx=n_ctx,
-                n_batch=n_batch,
-                n_threads=n_threads,
-                device=device,
-                image_token=engine.image_token,
-                eos_token=vocab.eos,
-                n_image_rows=engine.info.n_tokens,
-            )
-        except BaseException:
-            vocab.close()
-            engine.close()
-            raise
-        if backend.info.n_embd_image != engine.n_embd:
-            backend.close()
-            vocab.close()
-            engine.close()
-            raise UserError(
-                f"{Path(mmproj_path).name} gives image rows of width {engine.n_embd} but the "
-                f"decoder reads {backend.info.n_embd_image}: the files do not belong together"
-            )
+        vocab, backend, engine = open_parts(
+            text_path,
+            mmproj_path,
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_threads=n_threads,
+            device=device,
+        )
         return cls(vocab, engine, backend)
 
     def prefill(self, ids: Sequence[int], images: Sequence[np.ndarray], seq_id: int = 0) -> None:
