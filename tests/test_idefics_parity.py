@@ -280,8 +280,9 @@ def test_vocab_only_tokenizer(runtime: Any) -> None:
 
 
 def test_float_gates_no_qk_norms_no_perceiver(tmp_path: Path) -> None:
-    """The published configuration's other paths: scalar tanh gates, no qk norms, and
-    use_resampler False (all 1 + n_patches ViT rows reach the cross-attention)."""
+    """The published configuration's other paths: scalar tanh gates, no qk norms,
+    use_resampler False (all 1 + n_patches ViT rows reach the cross-attention), and an
+    instruct tokenizer with <end_of_utterance>."""
     from mmchat.converters import convert
 
     from mmchat.runtime._llama import build_sampler
@@ -292,6 +293,9 @@ def test_float_gates_no_qk_norms_no_perceiver(tmp_path: Path) -> None:
     rt = IdeficsRuntime.open(r.model_path, r.mmproj_path, n_ctx=96, n_threads=2, device="cpu")
     try:
         assert rt.engine.info.n_tokens == 10 and rt.backend.info.n_cross == 1
+        # an instruct tokenizer: <end_of_utterance> ends turns and generation
+        assert rt.vocab.n_vocab == 515 and rt.vocab.is_eog(514)
+        assert "<end_of_utterance>\\n" in (rt.vocab.chat_template() or "")
         for name in meta["images"]:
             rows = rt.engine.encode(load_image(ROOT / "images" / f"{name}.png")).embeddings
             assert rel_l2(rows, g[f"float/image/{name}/rows"]) < 1e-5, name
