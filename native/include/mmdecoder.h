@@ -59,7 +59,7 @@ typedef struct mmd_context_params {
     int32_t n_image_slots;    /* images held at once (all sequences together) */
     int32_t n_image_rows;     /* most rows per image (the vision model's n_tokens) */
     int32_t eos_token;        /* end-of-sequence id that ends an image's reach; -1: none */
-    int32_t kv_f16;           /* 1: f16 self-attention K/V cache (default f32: exact) */
+    int32_t kv_f16;           /* 1: f16 K/V (self-attention cache and image keys/values; default f32: exact) */
 } mmd_context_params;
 
 MMV_API int32_t mmd_abi_version(void);

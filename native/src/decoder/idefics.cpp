@@ -377,8 +377,8 @@ void create(mmd_context & c) {
     }
     const int64_t xrows = static_cast<int64_t>(p.n_image_slots) * p.n_image_rows;
     for (size_t i = 0; i < n_x; ++i) {
-        c.xk_cache.push_back(ggml_new_tensor_2d(c.ctx_kv.get(), GGML_TYPE_F32, hp.n_embd, xrows));
-        c.xv_cache.push_back(ggml_new_tensor_2d(c.ctx_kv.get(), GGML_TYPE_F32, hp.n_embd, xrows));
+        c.xk_cache.push_back(ggml_new_tensor_2d(c.ctx_kv.get(), kvt, hp.n_embd, xrows));
+        c.xv_cache.push_back(ggml_new_tensor_2d(c.ctx_kv.get(), kvt, hp.n_embd, xrows));
     }
     c.buf_kv.reset(ggml_backend_alloc_ctx_tensors_from_buft(c.ctx_kv.get(), ggml_backend_dev_buffer_type(m.device)));
     if (!c.buf_kv) throw mmv::Error(MMV_ERR_OUT_OF_MEMORY, "not enough memory on " + m.device_name + " for the KV cache");
