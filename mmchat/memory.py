@@ -86,6 +86,18 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
+def summary(est: MemoryEstimate, available: int | None, n_ctx: int) -> str:
+    """The same for a table row (``mmchat show``)."""
+    text = (
+        f"about {_gb(est.total)} (weights {_gb(est.weights)}, context {_gb(est.kv_cache)} at "
+        f"{n_ctx} tokens, compute {_gb(est.compute)})"
+    )
+    if available is None:
+        return text
+    fits = "" if est.total <= available else ": will not fit in RAM"
+    return f"{text}; {_gb(available)} available{fits}"
+
+
 def describe(est: MemoryEstimate, available: int | None) -> str:
     """One line: what the model needs and what the machine has."""
     need = (

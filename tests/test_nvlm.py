@@ -114,7 +114,7 @@ def test_conversion_writes_qwen2_and_the_documented_vision_layout(outdir: Path) 
     ):
         ts = v.tensor(name)
         assert ts is not None and [int(x) for x in ts.shape] == shape, name
-    assert v.tensor("mm.up.bias") is None and v.tensor("mm.ln.bias") is not None
+    assert v.tensor("mm.model.mlp.1.bias") is None and v.tensor("mm.model.mlp.0.bias") is not None
 
 
 def test_text_gguf_tokenizes_as_transformers(outdir: Path) -> None:

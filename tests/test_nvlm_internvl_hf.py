@@ -60,7 +60,9 @@ def test_conversion_layout(files: tuple[Path, Path]) -> None:
     assert v.get("internvit.prompt_style") == "internvl"
     assert v.get("internvit.norm_type") == "layer_norm" and v.get("internvit.qk_norm") is False
     assert v.get("internvit.tiling.max_tiles") == 12
-    assert v.tensor("v.blk.0.attn_q.bias") is not None and v.tensor("mm.up.bias") is not None
+    assert (
+        v.tensor("v.blk.0.attn_q.bias") is not None and v.tensor("mm.model.mlp.1.bias") is not None
+    )
 
 
 def test_rows_and_logits_match_transformers(files: tuple[Path, Path]) -> None:

@@ -57,3 +57,13 @@ def test_run_states_the_memory_before_loading(files: tuple[Path, Path], tmp_path
     load = [i for i, line in enumerate(lines) if "load duration" in line]
     assert mem and load and mem[0] < load[0]
     assert "available" in lines[mem[0]]
+
+
+def test_summary_for_show() -> None:
+    from mmchat.memory import summary
+
+    est = MemoryEstimate(weights=40 * 10**9, kv_cache=2 * 10**9, compute=10**8)
+    assert summary(est, 8 * 10**9, 4096) == (
+        "about 42.1 GB (weights 40.0 GB, context 2.0 GB at 4096 tokens, compute 0.1 GB); "
+        "8.0 GB available: will not fit in RAM"
+    )

@@ -140,12 +140,17 @@ def projector_jobs(ckpt: Checkpoint, p: str, width: int, n_embd: int) -> list[Te
             f"is {n_embd}; they do not belong together"
         )
     jobs = [
-        job("mm.ln.weight", ln),
-        job("mm.ln.bias", require(ckpt, p + "layer_norm.bias", "projector LayerNorm bias")),
-        job("mm.up.weight", up),
-        job("mm.down.weight", down),
+        job("mm.model.mlp.0.weight", ln),
+        job(
+            "mm.model.mlp.0.bias", require(ckpt, p + "layer_norm.bias", "projector LayerNorm bias")
+        ),
+        job("mm.model.mlp.1.weight", up),
+        job("mm.model.mlp.3.weight", down),
     ]
-    for src, dst in (("linear_1.bias", "mm.up.bias"), ("linear_2.bias", "mm.down.bias")):
+    for src, dst in (
+        ("linear_1.bias", "mm.model.mlp.1.bias"),
+        ("linear_2.bias", "mm.model.mlp.3.bias"),
+    ):
         if p + src in ckpt:
             jobs.append(job(dst, ckpt[p + src]))
     return jobs

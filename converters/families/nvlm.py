@@ -12,7 +12,7 @@ Vision GGUF: our projector type ``internvit`` (layout: docs/nvlm.md):
   checking that the dummy heads contribute nothing (their v rows or their ``proj`` columns
   are exactly zero), which makes the stripped tower compute exactly what the padded one does.
 * ``mlp1`` (LayerNorm -> Linear -> GELU -> Linear, no biases on the linears) as
-  ``mm.ln.*``, ``mm.up.weight``, ``mm.down.weight``.
+  ``mm.model.mlp.0.*``, ``mm.model.mlp.1.weight``, ``mm.model.mlp.3.weight``.
 * ``internvit.*`` keys record what the graph needs: the norm type, qk-norm, layer scale,
   the pixel-shuffle scale and version, the select layer, the tiling (tile count bounds,
   thumbnail) and the prompt style (``nvlm``: ``<Image>``, ``<tile_k>`` tags, ``</Image>``).
@@ -238,8 +238,8 @@ def internvit_jobs(
 
 
 def mlp1_jobs(ckpt: Checkpoint, width: int, n_embd: int) -> list[TensorJob]:
-    """``mlp1`` = Sequential(LayerNorm, Linear, GELU, Linear) -> ``mm.ln``, ``mm.up``,
-    ``mm.down`` (NVLM-D: no biases on the linears)."""
+    """``mlp1`` = Sequential(LayerNorm, Linear, GELU, Linear) -> ``mm.model.mlp.{0,1,3}``
+    (mtmd's names; NVLM-D: no biases on the linears)."""
     ln_w = require(ckpt, "mlp1.0.weight", "projector LayerNorm")
     expect_shape(ln_w, (width,), "projector LayerNorm (4 x the vision width)")
     up = require(ckpt, "mlp1.1.weight", "projector first linear")
@@ -252,12 +252,15 @@ def mlp1_jobs(ckpt: Checkpoint, width: int, n_embd: int) -> list[TensorJob]:
             f"{n_embd}; they do not belong together"
         )
     jobs = [
-        job("mm.ln.weight", ln_w),
-        job("mm.ln.bias", require(ckpt, "mlp1.0.bias", "projector LayerNorm bias")),
-        job("mm.up.weight", up),
-        job("mm.down.weight", down),
+        job("mm.model.mlp.0.weight", ln_w),
+        job("mm.model.mlp.0.bias", require(ckpt, "mlp1.0.bias", "projector LayerNorm bias")),
+        job("mm.model.mlp.1.weight", up),
+        job("mm.model.mlp.3.weight", down),
     ]
-    for src, dst in (("mlp1.1.bias", "mm.up.bias"), ("mlp1.3.bias", "mm.down.bias")):
+    for src, dst in (
+        ("mlp1.1.bias", "mm.model.mlp.1.bias"),
+        ("mlp1.3.bias", "mm.model.mlp.3.bias"),
+    ):
         if src in ckpt:
             jobs.append(job(dst, ckpt[src]))
     return jobs
@@ -335,7 +338,10 @@ class NvlmD:
         )
         notes = []
         if vhp["dummy_heads"]:
-            notes.append(f"dropped {vhp['dummy_heads']} zero padding heads of the vision tower")
+            notes.append(
+                f"dropped the vision tower's {vhp['dummy_heads']} zero padding heads "
+                "(checked: they contribute nothing)"
+            )
         vocab = load_bpe_vocab(
             folder, vocab_size=text_hp.n_vocab, config=lcfg, default_template=CHATML_TEMPLATE
         )

@@ -195,10 +195,10 @@ def describe(name: str) -> dict[str, Any]:
 
 def _memory_text(mem: dict[str, Any]) -> str:
     """What the model needs to run (weights + context + compute) against what is free."""
-    from mmchat.memory import MemoryEstimate, describe
+    from mmchat.memory import MemoryEstimate, summary
 
     est = MemoryEstimate(mem["weights"], mem["kv_cache"], mem["compute"])
-    return describe(est, mem["available"]).removeprefix("needs about ") + f" at {mem['n_ctx']} ctx"
+    return summary(est, mem["available"], mem["n_ctx"])
 
 
 def _kv(rows: list[tuple[str, Any]]) -> None:

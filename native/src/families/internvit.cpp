@@ -138,14 +138,14 @@ class InternVitFamily final : public Family {
             L.fc1 = w.linear(p + "ffn_up", H, F, true);
             L.fc2 = w.linear(p + "ffn_down", F, H, true);
         }
-        mm_ln_ = w.norm("mm.ln", 4 * H, true);
-        const std::vector<int64_t> us = w.shape_of("mm.up.weight");
-        const std::vector<int64_t> ds = w.shape_of("mm.down.weight");
+        mm_ln_ = w.norm("mm.model.mlp.0", 4 * H, true);
+        const std::vector<int64_t> us = w.shape_of("mm.model.mlp.1.weight");
+        const std::vector<int64_t> ds = w.shape_of("mm.model.mlp.3.weight");
         if (us.size() != 2 || us[0] != 4 * H || ds.size() != 2 || ds[0] != us[1]) {
-            format_error(w.path() + ": missing or malformed mm.up.weight / mm.down.weight (mlp1)");
+            format_error(w.path() + ": missing or malformed mm.model.mlp.1.weight / mm.model.mlp.3.weight (mlp1)");
         }
-        mm_up_ = w.linear("mm.up", 4 * H, us[1], false);
-        mm_down_ = w.linear("mm.down", us[1], ds[1], false);
+        mm_up_ = w.linear("mm.model.mlp.1", 4 * H, us[1], false);
+        mm_down_ = w.linear("mm.model.mlp.3", us[1], ds[1], false);
         hp.n_embd_out = static_cast<int32_t>(ds[1]);
     }
 
