@@ -374,3 +374,16 @@ def test_open_parts_for_the_loader(outdir: Path) -> None:
         be.close()
         vocab.close()
         eng.close()
+
+
+def test_bad_projector_files(outdir: Path, tmp_path: Path) -> None:
+    from mmchat.errors import CorruptFileError
+    from mmchat.runtime.flamingo import IdeficsEngine
+
+    text, mmproj = files(outdir)
+    with pytest.raises(CorruptFileError, match="not a projector"):
+        IdeficsEngine(text, device="cpu")
+    cut = tmp_path / "mmproj-cut.gguf"
+    cut.write_bytes(mmproj.read_bytes()[: mmproj.stat().st_size * 2 // 3])
+    with pytest.raises(CorruptFileError):
+        IdeficsEngine(cut, device="cpu")
