@@ -145,6 +145,8 @@ class InternVitEngine(VisionEngine):
 
         if fast_math:  # f16 K/V in attention, tanh GELU: not exact, a cache of its own
             self.kind = "mmvision-fast"
+        if tokenize is None and not llama_model:  # rows without tag layouts: cached apart
+            self.kind += "-rows"
         super().__init__(mmproj, cache=cache, disk_cache=disk_cache)
         meta = read_gguf(mmproj, role="projector (mmproj)")
         self.min_tiles = int(meta.get("internvit.tiling.min_tiles", 1))
