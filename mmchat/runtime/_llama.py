@@ -506,9 +506,14 @@ class SamplerChain:
             raise UserError("llama.cpp could not create a sampler" + _why())
         C.llama_sampler_chain_add(self.ptr, smpl)
 
-    def sample(self, ctx: Context, idx: int = -1) -> int:
-        """Sample from the logits of batch entry ``idx`` of the last decode (-1: the last)."""
-        return int(C.llama_sampler_sample(self.ptr, ctx.ptr, idx))
+    def sample(self, ctx: Any, idx: int = -1) -> int:
+        """Sample from the logits of batch entry ``idx`` of the last decode (-1: the last).
+        ``ctx`` is a ``Context``, or another ``TextBackend`` (its logits array is sampled)."""
+        if isinstance(ctx, Context):
+            return int(C.llama_sampler_sample(self.ptr, ctx.ptr, idx))
+        from mmchat.runtime.flamingo import sample_logits
+
+        return sample_logits(self, ctx.last_logits() if idx < 0 else ctx.logits_at(idx))
 
     def close(self) -> None:
         if self.ptr:

@@ -155,6 +155,8 @@ class FlamingoBackend:
             ) from None
         self.info = self.model.info
         self.n_ctx = int(n_ctx)
+        self.n_ctx_seq = int(n_ctx)
+        """Positions each sequence may use (``LoadedModel.n_ctx``)."""
         self.n_batch = self.ctx.n_batch
         self.n_ubatch = self.ctx.n_batch
         self.n_threads = threads

@@ -103,41 +103,24 @@ def load_model(
                 f"(its architecture is {mm_info.architecture or 'unknown'!r}, expected 'clip')"
             )
         width = _projector_width(mm_info)
-        if width is not None and isinstance(n_embd_meta, int) and width != n_embd_meta:
+        cross_attention = _is_cross_attention(mm_info)  # IDEFICS: rows are the ViT's width
+        if (
+            width is not None
+            and not cross_attention
+            and isinstance(n_embd_meta, int)
+            and width != n_embd_meta
+        ):
             raise UserError(
                 f"the projector {mm_path.name} outputs {width}-wide embeddings but the text "
                 f"model {path.name} takes {n_embd_meta}: they do not belong together"
             )
 
     _llama.ensure_backend(opts.verbose)
-    n_gpu_layers = opts.n_gpu_layers
-    if n_gpu_layers is None:
-        n_gpu_layers = -1 if _llama.supports_gpu_offload() else 0
-    text = _llama.TextModel(str(path), n_gpu_layers=n_gpu_layers, verbose=opts.verbose)
-    ctx: _llama.Context | None = None
-    vision: Any = None
+    if mm_info is not None and mm_path is not None and _is_cross_attention(mm_info):
+        text, ctx, vision = _open_cross_attention(path, mm_path, info, opts)
+    else:
+        text, ctx, vision = _open_libllama(path, mm_path, opts)
     try:
-        n_ctx = opts.n_ctx or min(DEFAULT_N_CTX, text.n_ctx_train or DEFAULT_N_CTX)
-        ctx = _llama.Context(
-            text,
-            n_ctx=n_ctx * opts.n_parallel,
-            n_batch=opts.n_batch,
-            n_threads=opts.n_threads,
-            flash_attn=opts.flash_attn,
-            kv_cache_type=opts.kv_cache_type,
-            n_seq_max=opts.n_parallel,
-        )
-        if mm_path is not None:
-            from mmchat.vision import open_vision
-
-            vision = open_vision(
-                mm_path,
-                text_n_embd=text.n_embd_inp,
-                n_threads=opts.n_threads,
-                device=opts.vision_device,
-                llama_model=text.address,
-                flash_attn=opts.flash_attn,
-            )
         names = [
             info.get("general.name"),
             info.get("general.basename"),
@@ -188,3 +171,71 @@ def load_model(
 def _bool_key(info: GGUFInfo, key: str) -> bool | None:
     value = info.get(key)
     return value if isinstance(value, bool) else None
+
+
+def _open_libllama(path: Path, mm_path: Path | None, opts: LoadOptions) -> tuple[Any, Any, Any]:
+    """libllama's model and context (``n_parallel`` sequences of ``n_ctx`` cells) and the
+    vision engine ``open_vision`` routes the projector to."""
+    n_gpu_layers = opts.n_gpu_layers
+    if n_gpu_layers is None:
+        n_gpu_layers = -1 if _llama.supports_gpu_offload() else 0
+    text = _llama.TextModel(str(path), n_gpu_layers=n_gpu_layers, verbose=opts.verbose)
+    ctx: _llama.Context | None = None
+    vision: Any = None
+    try:
+        n_ctx = opts.n_ctx or min(DEFAULT_N_CTX, text.n_ctx_train or DEFAULT_N_CTX)
+        ctx = _llama.Context(
+            text,
+            n_ctx=n_ctx * opts.n_parallel,
+            n_batch=opts.n_batch,
+            n_threads=opts.n_threads,
+            flash_attn=opts.flash_attn,
+            kv_cache_type=opts.kv_cache_type,
+            n_seq_max=opts.n_parallel,
+        )
+        if mm_path is not None:
+            from mmchat.vision import open_vision
+
+            vision = open_vision(
+                mm_path,
+                text_n_embd=text.n_embd_inp,
+                n_threads=opts.n_threads,
+                device=opts.vision_device,
+                llama_model=text.address,
+                flash_attn=opts.flash_attn,
+            )
+    except BaseException:
+        if ctx is not None:
+            ctx.close()
+        text.close()
+        raise
+    return text, ctx, vision
+
+
+def _is_cross_attention(mm_info: GGUFInfo) -> bool:
+    """A projector for a decoder with cross-attention (IDEFICS), which libllama cannot run."""
+    from mmchat.runtime.flamingo import is_flamingo
+
+    return is_flamingo(mm_info)
+
+
+def _open_cross_attention(
+    path: Path, mm_path: Path, info: GGUFInfo, opts: LoadOptions
+) -> tuple[Any, Any, Any]:
+    """The second text backend: mmchat's cross-attention decoder on ggml (IDEFICS), with a
+    vocabulary-only libllama load for the tokenizer, and its vision engine."""
+    from mmchat.runtime.flamingo import open_parts
+
+    trained = info.arch_key("context_length")
+    n_ctx = opts.n_ctx or min(DEFAULT_N_CTX, int(trained) if trained else DEFAULT_N_CTX)
+    kv = opts.kv_cache_type if opts.kv_cache_type in ("f32", "f16") else "f16"
+    return open_parts(
+        path,
+        mm_path,
+        n_ctx=n_ctx,
+        n_seq=opts.n_parallel,
+        n_batch=opts.n_batch,
+        n_threads=opts.n_threads,
+        device=opts.vision_device,
+        kv_cache_type=kv,
+    )

@@ -171,7 +171,8 @@ class LoadedModel:
     @property
     def n_ctx(self) -> int:
         """KV cells one sequence (one conversation) may use."""
-        return self.ctx.n_ctx // self.n_seq
+        per_seq = getattr(self.ctx, "n_ctx_seq", None)  # a backend that sizes per sequence
+        return int(per_seq) if per_seq else self.ctx.n_ctx // self.n_seq
 
     @property
     def scheduler(self) -> Any:
@@ -403,6 +404,10 @@ class LoadedModel:
             raise UserError("this model cannot see images (it was loaded without a projector)")
 
     def _check_embd(self, emb: np.ndarray) -> None:
+        # a cross-attention decoder also takes image rows of its vision width
+        image_width = getattr(getattr(self.ctx, "info", None), "n_embd_image", None)
+        if emb.ndim == 2 and image_width and emb.shape[1] == image_width:
+            return
         if emb.ndim != 2 or emb.shape[1] != self.n_embd:
             raise UserError(
                 f"image embeddings of shape {tuple(emb.shape)} do not fit this model "

@@ -172,6 +172,8 @@ def block_positions(run: EmbedRun, pos0: int, n_pos_per_embd: int) -> np.ndarray
     ``(n_pos_per_embd * n,)`` (t…, y…, x…, z…) for M-RoPE models."""
     n = run.span.n_tokens
     if n_pos_per_embd == 1:
+        if run.span.advance < n:  # rows that share positions (IDEFICS: one <image> token)
+            return np.full(n, pos0, dtype=np.int32)
         return np.arange(pos0, pos0 + n, dtype=np.int32)
     rel = run.media.rel_pos
     if rel is None:  # a block without 2-D positions (audio, raw embeddings): 1-D in every section

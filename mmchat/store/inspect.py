@@ -175,12 +175,17 @@ def check_projector(info: GGUFInfo) -> None:
         raise UserError(f"{info.path} has neither a vision nor an audio encoder")
 
 
+CROSS_ATTENTION_PROJECTORS = ("idefics",)
+
+
 def check_pair(model: GGUFInfo, mmproj: GGUFInfo | None) -> None:
     """Both files have the right roles and the projector feeds the model's width."""
     check_text_model(model)
     if mmproj is None:
         return
     check_projector(mmproj)
+    if _projector_type(mmproj) in CROSS_ATTENTION_PROJECTORS:
+        return  # its rows feed the decoder's cross-attention, at the vision width
     n_embd = model.arch_key("embedding_length")
     widths = projector_widths(mmproj)
     if isinstance(n_embd, int) and widths and n_embd not in widths:
