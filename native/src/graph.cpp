@@ -155,18 +155,10 @@ mmv_status encode_checked(mmv_model * model, const float * pixels, int32_t n_ima
         return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "output buffer holds " + std::to_string(out_len) +
                                                        " floats, " + std::to_string(need) + " needed");
     }
-    try {
+    return mmv::guarded("encoding", [&]() {
         std::lock_guard<std::mutex> lock(model->mutex);
-        mmv_status st = mmv::encode(*model, pixels, n_images, text, n_text, out);
-        if (st == MMV_OK) mmv::clear_error();
-        return st;
-    } catch (const std::bad_alloc &) {
-        return mmv::fail(MMV_ERR_OUT_OF_MEMORY, "out of memory while encoding");
-    } catch (const std::exception & e) {
-        return mmv::fail(MMV_ERR_INTERNAL, e.what());
-    } catch (...) {
-        return mmv::fail(MMV_ERR_INTERNAL, "unknown error while encoding");
-    }
+        return mmv::encode(*model, pixels, n_images, text, n_text, out);
+    });
 }
 
 }  // namespace

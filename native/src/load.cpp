@@ -241,21 +241,12 @@ mmv_status mmv_model_load(const char * path, const mmv_model_params * params, mm
     if (out == nullptr) return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "out is NULL");
     *out = nullptr;
     if (path == nullptr || *path == '\0') return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "path is empty");
-    mmv_model_params p = params ? *params : mmv_model_default_params();
-    try {
+    const mmv_model_params p = params ? *params : mmv_model_default_params();
+    return mmv::guarded("loading " + std::string(path), [&]() {
         mmv::Loader loader(path, p);
         *out = loader.run().release();
-        mmv::clear_error();
         return MMV_OK;
-    } catch (const mmv::Error & e) {
-        return mmv::fail(e.status, e.what());
-    } catch (const std::bad_alloc &) {
-        return mmv::fail(MMV_ERR_OUT_OF_MEMORY, "out of memory while loading " + std::string(path));
-    } catch (const std::exception & e) {
-        return mmv::fail(MMV_ERR_INTERNAL, e.what());
-    } catch (...) {
-        return mmv::fail(MMV_ERR_INTERNAL, "unknown error while loading");
-    }
+    });
 }
 
 void mmv_model_free(mmv_model * model) {

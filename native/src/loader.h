@@ -3,6 +3,7 @@
 #pragma once
 
 #include "blocks.h"
+#include "internal.h"
 #include "mmvision.h"
 
 #include "ggml.h"
@@ -14,13 +15,6 @@
 #include <vector>
 
 namespace mmv {
-
-// An error with a status, thrown inside the loader and turned into (status, message) at the
-// C boundary.
-struct Error : std::runtime_error {
-    mmv_status status;
-    Error(mmv_status s, const std::string & m) : std::runtime_error(m), status(s) {}
-};
 
 [[noreturn]] void format_error(const std::string & m);
 [[noreturn]] void unsupported(const std::string & m);

@@ -410,21 +410,6 @@ void create(mmd_context & c) {
     }
 }
 
-template <typename F> mmv_status guarded(F && f) {
-    try {
-        mmv_status st = f();
-        if (st == MMV_OK) mmv::clear_error();
-        return st;
-    } catch (const mmv::Error & e) {
-        return mmv::fail(e.status, e.what());
-    } catch (const std::bad_alloc &) {
-        return mmv::fail(MMV_ERR_OUT_OF_MEMORY, "out of memory in the decoder");
-    } catch (const std::exception & e) {
-        return mmv::fail(MMV_ERR_INTERNAL, e.what());
-    } catch (...) {
-        return mmv::fail(MMV_ERR_INTERNAL, "unknown error in the decoder");
-    }
-}
 
 bool bad_seq(const mmd_context * c, int32_t seq) { return c == nullptr || seq < 0 || seq >= c->params.n_seq; }
 
@@ -452,7 +437,7 @@ mmv_status mmd_context_new(mmd_model * model, const mmd_context_params * params,
     if (p.n_ctx < 1 || p.n_seq < 1 || p.n_batch < 1 || p.n_image_slots < 1 || p.n_image_rows < 1) {
         return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "context sizes must be positive");
     }
-    return mmd::guarded([&]() {
+    return mmv::guarded("decoding", [&]() {
         auto c = std::make_unique<mmd_context>();
         c->model = model;
         c->params = p;
@@ -485,7 +470,7 @@ mmv_status mmd_add_image(mmd_context * ctx, int32_t seq, int32_t pos, const floa
         return mmv::fail(MMV_ERR_INVALID_ARGUMENT, std::to_string(n_rows) + " image rows; the context holds 1.." +
                                                        std::to_string(ctx->params.n_image_rows) + " per image");
     }
-    return mmd::guarded([&]() { return mmd::add_image(*ctx, seq, pos, rows, n_rows); });
+    return mmv::guarded("decoding", [&]() { return mmd::add_image(*ctx, seq, pos, rows, n_rows); });
 }
 
 mmv_status mmd_decode(mmd_context * ctx, int32_t seq, int32_t n, const int32_t * tokens, const float * embd,
@@ -506,7 +491,7 @@ mmv_status mmd_decode(mmd_context * ctx, int32_t seq, int32_t n, const int32_t *
             return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "token id " + std::to_string(tokens[i]) + " is outside the vocabulary");
         }
     }
-    return mmd::guarded([&]() {
+    return mmv::guarded("decoding", [&]() {
         mmd::Batch b;
         b.seq = seq;
         b.n = n;

@@ -263,20 +263,11 @@ mmv_status mmd_model_load(const char * path, const mmd_model_params * params, mm
     *out = nullptr;
     if (path == nullptr || *path == '\0') return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "path is empty");
     const mmd_model_params p = params ? *params : mmd_model_default_params();
-    try {
+    return mmv::guarded("loading " + std::string(path), [&]() {
         mmd::DecoderLoader loader(path, p);
         *out = loader.run().release();
-        mmv::clear_error();
         return MMV_OK;
-    } catch (const mmv::Error & e) {
-        return mmv::fail(e.status, e.what());
-    } catch (const std::bad_alloc &) {
-        return mmv::fail(MMV_ERR_OUT_OF_MEMORY, "out of memory while loading " + std::string(path));
-    } catch (const std::exception & e) {
-        return mmv::fail(MMV_ERR_INTERNAL, e.what());
-    } catch (...) {
-        return mmv::fail(MMV_ERR_INTERNAL, "unknown error while loading");
-    }
+    });
 }
 
 void mmd_model_free(mmd_model * model) {
