@@ -4,6 +4,7 @@ and by ``mmchat show``."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -67,3 +68,24 @@ def test_summary_for_show() -> None:
         "about 42.1 GB (weights 40.0 GB, context 2.0 GB at 4096 tokens, compute 0.1 GB); "
         "8.0 GB available: will not fit in RAM"
     )
+
+
+def test_show_states_memory_and_tiles(tmp_path: Path) -> None:
+    env = dict(os.environ, MMCHAT_HOME=str(tmp_path / "home"), COLUMNS="300")
+
+    def mmchat(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "mmchat", *args],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    r = mmchat("convert", str(SRC), "--name", "nvlm-tiny", "--quant", "f32", "-o", "out")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(mmchat("show", "nvlm-tiny", "--json").stdout)
+    mem = info["memory"]
+    assert mem["needed"] == mem["weights"] + mem["kv_cache"] + mem["compute"] > 0
+    assert info["projector"]["max_tiles"] == 6
+    shown = mmchat("show", "nvlm-tiny").stdout
+    assert "256 per tile (1-6 tiles, + a thumbnail when > 1)" in shown
+    assert "GB available" in shown

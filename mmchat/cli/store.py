@@ -243,6 +243,8 @@ def show(
         tokens = p["tokens_per_image"]
         if tokens is not None and p["anyres"]:
             tokens = f"{tokens} per tile (anyres: several tiles + overview)"
+        elif tokens is not None and p.get("max_tiles"):  # NVLM-D / InternVL dynamic tiles
+            tokens = f"{tokens} per tile (1-{p['max_tiles']} tiles, + a thumbnail when > 1)"
         _kv(
             [
                 ("capabilities", _caps(info["capabilities"])),

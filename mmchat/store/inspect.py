@@ -96,7 +96,7 @@ def tokens_per_image(info: GGUFInfo) -> int | None:
     ptype = (_projector_type(info) or "mlp").lower()
     if ptype in ("mlp", "mlp_norm"):
         return side * side
-    if ptype in ("ldp", "ldpv2", "internvl"):
+    if ptype in ("ldp", "ldpv2", "internvl", "internvit"):  # 2x2 merge / pixel shuffle 0.5
         return (side // 2) ** 2
     if ptype in ("gemma3", "idefics3", "llama4", "lfm2"):
         scale = info.get("clip.vision.projector.scale_factor")
@@ -151,6 +151,7 @@ def summarize_projector(info: GGUFInfo) -> dict[str, Any]:
         "patch_size": info.get("clip.vision.patch_size"),
         "tokens_per_image": tokens_per_image(info),
         "anyres": "clip.vision.image_grid_pinpoints" in info.metadata,
+        "max_tiles": info.get("internvit.tiling.max_tiles"),
         "width": widths[0] if widths else None,
     }
 
