@@ -359,7 +359,7 @@ class IdeficsEngine(VisionEngine):
         cache: EmbeddingCache | None = None,
         disk_cache: bool | Path = False,
     ) -> None:
-        from mmchat.native import NativeError, NativeVisionModel, load_library
+        from mmchat.vision.engine import open_native_vision
 
         super().__init__(mmproj, cache=cache, disk_cache=disk_cache)
         meta = read_mmproj_header(mmproj)
@@ -368,12 +368,9 @@ class IdeficsEngine(VisionEngine):
             self.fake_token = int(meta.get("idefics.fake_token_id"))
         except (TypeError, ValueError):
             raise CorruptFileError(f"{mmproj} lacks idefics.image_token_id/fake_token_id") from None
-        try:
-            self.model = NativeVisionModel(
-                load_library(), mmproj, device=device, n_threads=n_threads, max_batch=max_batch
-            )
-        except NativeError as exc:
-            raise CorruptFileError(f"Cannot load projector {mmproj}: {exc}") from None
+        self.model = open_native_vision(
+            mmproj, device=device, n_threads=n_threads, max_batch=max_batch
+        )
         info = self.model.info
         if info.projector_type != PROJECTOR:
             self.model.close()

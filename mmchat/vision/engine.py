@@ -240,6 +240,28 @@ class VisionEngine(ABC):
         )
 
 
+def open_native_vision(mmproj: Path, **kw: Any) -> Any:
+    """libmmvision's ``NativeVisionModel`` for ``mmproj`` (``kw``: device, n_threads,
+    expected_n_embd, max_batch, fast_math), its failures as one-line errors: a bad argument
+    (an unknown device) or no memory / backend as ``UserError``, a file it cannot use as
+    ``CorruptFileError``. Every engine on libmmvision opens its model here."""
+    from mmchat.native import NativeError, NativeVisionModel, load_library
+    from mmchat.native.model import (
+        MMV_ERR_BACKEND,
+        MMV_ERR_INVALID_ARGUMENT,
+        MMV_ERR_OUT_OF_MEMORY,
+    )
+
+    try:
+        return NativeVisionModel(load_library(), mmproj, **kw)
+    except NativeError as exc:
+        if exc.status == MMV_ERR_INVALID_ARGUMENT:  # e.g. an unknown device name
+            raise UserError(str(exc)) from None
+        if exc.status in (MMV_ERR_BACKEND, MMV_ERR_OUT_OF_MEMORY):
+            raise UserError(f"Cannot load projector {mmproj.name}: {exc}") from None
+        raise CorruptFileError(f"Cannot load projector {mmproj}: {exc}") from None
+
+
 class LlavaEngine(VisionEngine):
     """LLaVA-family mmproj files on libmmvision (exact CLIP + mlp/mlp_norm projector)."""
 
@@ -257,35 +279,19 @@ class LlavaEngine(VisionEngine):
         cache: EmbeddingCache | None = None,
         disk_cache: bool | Path = False,
     ) -> None:
-        from mmchat.native import NativeError, NativeVisionModel, load_library
-        from mmchat.native.model import (
-            MMV_ERR_BACKEND,
-            MMV_ERR_INVALID_ARGUMENT,
-            MMV_ERR_OUT_OF_MEMORY,
-        )
-
         if fast_math:
             self.kind = "mmvision-fast"
         super().__init__(mmproj, cache=cache, disk_cache=disk_cache)
         # NeVA ("square" in NeMo): CLIPImageProcessor's resize + centre crop, not LLaVA's pad
         self.centre_crop = read_gguf(mmproj).get(PREPROCESS_KEY) == "resize_crop"
-        library = load_library()
-        try:
-            self.model = NativeVisionModel(
-                library,
-                mmproj,
-                device=device,
-                n_threads=n_threads,
-                expected_n_embd=text_n_embd,
-                max_batch=max_batch,
-                fast_math=fast_math,
-            )
-        except NativeError as exc:
-            if exc.status == MMV_ERR_INVALID_ARGUMENT:  # e.g. an unknown device name
-                raise UserError(str(exc)) from None
-            if exc.status in (MMV_ERR_BACKEND, MMV_ERR_OUT_OF_MEMORY):
-                raise UserError(f"Cannot load projector {mmproj.name}: {exc}") from None
-            raise CorruptFileError(f"Cannot load projector {mmproj}: {exc}") from None
+        self.model = open_native_vision(
+            mmproj,
+            device=device,
+            n_threads=n_threads,
+            expected_n_embd=text_n_embd,
+            max_batch=max_batch,
+            fast_math=fast_math,
+        )
         info = self.model.info
         self.info = info
         self.projector_type = info.projector_type

@@ -136,12 +136,7 @@ class InternVitEngine(VisionEngine):
         cache: EmbeddingCache | None = None,
         disk_cache: bool | Path = False,
     ) -> None:
-        from mmchat.native import NativeError, NativeVisionModel, load_library
-        from mmchat.native.model import (
-            MMV_ERR_BACKEND,
-            MMV_ERR_INVALID_ARGUMENT,
-            MMV_ERR_OUT_OF_MEMORY,
-        )
+        from mmchat.vision.engine import open_native_vision
 
         if fast_math:  # f16 K/V in attention, tanh GELU: not exact, a cache of its own
             self.kind = "mmvision-fast"
@@ -163,22 +158,14 @@ class InternVitEngine(VisionEngine):
             tokenize = _llama_tokenizer(llama_model, special=style == "internvl")
         self._tokenize = tokenize
         self._tag_ids: dict[str, tuple[int, ...]] = {}
-        try:
-            self.model = NativeVisionModel(
-                load_library(),
-                mmproj,
-                device=device,
-                n_threads=n_threads,
-                expected_n_embd=text_n_embd,
-                max_batch=max_batch,
-                fast_math=fast_math,
-            )
-        except NativeError as exc:
-            if exc.status == MMV_ERR_INVALID_ARGUMENT:
-                raise UserError(str(exc)) from None
-            if exc.status in (MMV_ERR_BACKEND, MMV_ERR_OUT_OF_MEMORY):
-                raise UserError(f"Cannot load projector {mmproj.name}: {exc}") from None
-            raise CorruptFileError(f"Cannot load projector {mmproj}: {exc}") from None
+        self.model = open_native_vision(
+            mmproj,
+            device=device,
+            n_threads=n_threads,
+            expected_n_embd=text_n_embd,
+            max_batch=max_batch,
+            fast_math=fast_math,
+        )
         info = self.model.info
         if info.projector_type != PROJECTOR:
             self.model.close()

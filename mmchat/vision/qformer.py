@@ -112,30 +112,17 @@ class QformerEngine(VisionEngine):
         cache: EmbeddingCache | None = None,
         disk_cache: bool | Path = False,
     ) -> None:
-        from mmchat.native import NativeError, NativeVisionModel, load_library
-        from mmchat.native.model import (
-            MMV_ERR_BACKEND,
-            MMV_ERR_INVALID_ARGUMENT,
-            MMV_ERR_OUT_OF_MEMORY,
-        )
+        from mmchat.vision.engine import open_native_vision
 
         super().__init__(mmproj, cache=cache, disk_cache=disk_cache)
         self.tokenizer, self.max_text = _tokenizer_from(mmproj)
-        try:
-            self.model = NativeVisionModel(
-                load_library(),
-                mmproj,
-                device=device,
-                n_threads=n_threads,
-                expected_n_embd=text_n_embd,
-                max_batch=max_batch,
-            )
-        except NativeError as exc:
-            if exc.status == MMV_ERR_INVALID_ARGUMENT:
-                raise UserError(str(exc)) from None
-            if exc.status in (MMV_ERR_BACKEND, MMV_ERR_OUT_OF_MEMORY):
-                raise UserError(f"Cannot load projector {mmproj.name}: {exc}") from None
-            raise CorruptFileError(f"Cannot load projector {mmproj}: {exc}") from None
+        self.model = open_native_vision(
+            mmproj,
+            device=device,
+            n_threads=n_threads,
+            expected_n_embd=text_n_embd,
+            max_batch=max_batch,
+        )
         info = self.model.info
         if info.projector_type not in PROJECTORS:
             self.model.close()
