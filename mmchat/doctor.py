@@ -33,6 +33,10 @@ class DoctorReport:
     store_path: str = ""
     store_free_bytes: int | None = None
     problems: list[str] = field(default_factory=list)
+    rpc_available: bool | None = None
+    """llama.cpp was built with its RPC backend (None: llama-cpp-python is missing)."""
+    rpc_workers: list[dict[str, Any]] = field(default_factory=list)
+    """The configured RPC workers as probed: endpoint, version, devices, or error."""
 
     @property
     def ok(self) -> bool:
@@ -55,7 +59,31 @@ def _free_bytes(path: Path) -> int | None:
         return None
 
 
-def collect() -> DoctorReport:
+def _rpc_report(configured: str | None, problems: list[str]) -> tuple[bool, list[dict[str, Any]]]:
+    """Whether RPC is built in, and each configured worker probed (in Python: a dead worker
+    is a line in the report, never a crash)."""
+    from mmchat.runtime import rpc
+
+    available = rpc.rpc_available()
+    workers: list[dict[str, Any]] = []
+    try:
+        endpoints = rpc.parse_endpoints(configured)
+    except rpc.RpcError as exc:
+        problems.append(str(exc))
+        return available, workers
+    if endpoints and not available:
+        problems.append(rpc.NO_RPC_MESSAGE)
+    for ep in endpoints:
+        try:
+            workers.append(rpc.probe(ep).to_dict())
+        except rpc.RpcError as exc:
+            problems.append(str(exc))
+            workers.append({"endpoint": str(ep), "error": str(exc)})
+    return available, workers
+
+
+def collect(rpc: str | None = None) -> DoctorReport:
+    """``rpc``: workers to probe (``HOST:PORT,…``); default ``MMCHAT_RPC``."""
     settings = load_settings()
     problems: list[str] = []
 
@@ -90,6 +118,10 @@ def collect() -> DoctorReport:
         native_error = "not loaded (llama-cpp-python is missing)"
     if native_loaded and not devices:
         problems.append("the ggml backend registry reports no compute device")
+    rpc_available: bool | None = None
+    rpc_workers: list[dict[str, Any]] = []
+    if llama_version is not None:
+        rpc_available, rpc_workers = _rpc_report(rpc if rpc is not None else settings.rpc, problems)
     cpu_extra = ""
     if native_loaded:
         from mmchat.native.cpu import extra_buffers_verdict
@@ -113,4 +145,6 @@ def collect() -> DoctorReport:
         store_path=str(settings.home),
         store_free_bytes=_free_bytes(settings.home),
         problems=problems,
+        rpc_available=rpc_available,
+        rpc_workers=rpc_workers,
     )

@@ -44,6 +44,9 @@ class Settings:
     cpu_extra_buffers: str = "auto"
     """``MMCHAT_CPU_EXTRA_BUFFERS``: ``auto`` (self-test), ``on`` or ``off`` — llama.cpp's
     extra CPU buffer types (AMX, repacked weights); see mmchat/native/cpu.py."""
+    rpc: str | None = None
+    """``MMCHAT_RPC``: ``HOST:PORT,…`` RPC workers (``mmchat rpc-worker``) that ``mmchat run``
+    and ``mmchat serve`` split models across, and ``mmchat doctor`` probes."""
 
     @property
     def models_dir(self) -> Path:
@@ -123,4 +126,5 @@ def load_settings() -> Settings:
         max_audio_bytes=_int("MMCHAT_MAX_AUDIO_BYTES", 64 * 1024 * 1024),
         num_parallel=_int("MMCHAT_NUM_PARALLEL", 0) or None,
         cpu_extra_buffers=_choice("MMCHAT_CPU_EXTRA_BUFFERS", ("auto", "on", "off"), "auto"),
+        rpc=env.get("MMCHAT_RPC", "").strip() or None,
     )

@@ -12,6 +12,7 @@ import sys
 from mmchat.cli import client as _client  # noqa: F401  (registers `ps` and `stop`)
 from mmchat.cli import convert as _convert  # noqa: F401  (registers `convert`)
 from mmchat.cli import doctor as _doctor  # noqa: F401  (registers `doctor`)
+from mmchat.cli import rpc as _rpc  # noqa: F401  (registers `rpc-worker`)
 from mmchat.cli import run as _run  # noqa: F401  (registers `run`)
 from mmchat.cli import serve as _serve  # noqa: F401  (registers `serve`)
 from mmchat.cli import store as _store  # noqa: F401  (registers pull/list/show/rm/cp/create)

@@ -16,9 +16,12 @@ from mmchat.units import format_bytes
 @app.command()
 def doctor(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    rpc: str | None = typer.Option(
+        None, "--rpc", help="RPC workers to probe, HOST:PORT,... Default: MMCHAT_RPC."
+    ),
 ) -> None:
     """Check the installation: versions, compute devices, native library, model store."""
-    report = doctor_mod.collect()
+    report = doctor_mod.collect(rpc=rpc)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -56,6 +59,24 @@ def _render(report: doctor_mod.DoctorReport) -> Table:
             f"device {dev['index']}: {dev['name']}",
             f"{dev['type']} · {dev['backend']} · {dev['description']} · {mem}",
         )
+    if report.rpc_available is not None:
+        table.add_row(
+            "RPC (multi-machine)",
+            "available"
+            if report.rpc_available
+            else "[yellow]not built in[/] "
+            "(reinstall llama-cpp-python with CMAKE_ARGS=-DGGML_RPC=on)",
+        )
+    for worker in report.rpc_workers:
+        if "error" in worker:
+            table.add_row(f"RPC worker {worker['endpoint']}", f"[red]{worker['error']}[/]")
+            continue
+        for dev in worker["devices"]:
+            table.add_row(
+                f"RPC worker {worker['endpoint']} device {dev['index']}",
+                f"protocol {worker['version']} · {format_bytes(dev['memory_free'])} free / "
+                f"{format_bytes(dev['memory_total'])}",
+            )
     if report.cpu_extra_buffers:
         table.add_row("CPU extra buffers (AMX, repack)", report.cpu_extra_buffers)
     free = report.store_free_bytes

@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from mmchat.cli.app import app
+from mmchat.cli.rpc import RPC_HELP, TENSOR_SPLIT_HELP, describe_workers, use_workers
 
 
 @app.command(
@@ -52,6 +53,10 @@ def run(
     ),
     threads: int | None = typer.Option(
         None, "--threads", min=1, help="CPU threads (default: every CPU this process may use)."
+    ),
+    rpc: str | None = typer.Option(None, "--rpc", help=RPC_HELP, show_default=False),
+    tensor_split: str | None = typer.Option(
+        None, "--tensor-split", help=TENSOR_SPLIT_HELP, show_default=False
     ),
     temperature: float | None = typer.Option(
         None, "--temperature", help="Sampling temperature; 0 is greedy (default 0.8)."
@@ -114,6 +119,11 @@ def run(
     }
 
     try:
+        from mmchat.runtime.options import LoadOptions
+
+        options = LoadOptions(n_ctx=ctx, n_gpu_layers=gpu_layers, n_threads=threads, seed=seed)
+        # RPC workers are probed first: before a pull, and before llama.cpp sees them
+        workers = use_workers(rpc, tensor_split, options)
         source = loader.resolve_model(model, mmproj=mmproj, console=err)
         from mmchat.memory import available_memory, describe, estimate
 
@@ -126,10 +136,9 @@ def run(
             _preload_prompt()
         with loader.spinner(err, f"Loading {source.name}..."):
             # the runtime (numpy, llama.cpp) is imported here, under the spinner
-            from mmchat.runtime.options import LoadOptions
-
-            options = LoadOptions(n_ctx=ctx, n_gpu_layers=gpu_layers, n_threads=threads, seed=seed)
             loaded = loader.load(source, options, console=None)
+        if verbose and workers:
+            err.print(describe_workers(workers), style="dim", highlight=False)
         load_ms = (time.perf_counter() - t_load) * 1000  # llama.cpp's start-up included
     except KeyboardInterrupt:
         raise typer.Exit(130) from None

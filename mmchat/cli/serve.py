@@ -9,6 +9,7 @@ import socket
 import typer
 
 from mmchat.cli.app import app
+from mmchat.cli.rpc import RPC_HELP, TENSOR_SPLIT_HELP, describe_workers, use_workers
 from mmchat.console import out, print_warning
 from mmchat.errors import UserError
 
@@ -112,6 +113,10 @@ def serve(
         64, "--max-queue", min=0, help="Requests waiting per model before 503."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request."),
+    rpc: str | None = typer.Option(None, "--rpc", help=RPC_HELP, show_default=False),
+    tensor_split: str | None = typer.Option(
+        None, "--tensor-split", help=TENSOR_SPLIT_HELP, show_default=False
+    ),
 ) -> None:
     """Serve the models over HTTP: Ollama's API (/api/...) and OpenAI's (/v1/...)."""
     import uvicorn
@@ -135,6 +140,7 @@ def serve(
     except ApiError as exc:
         raise UserError(f"--keep-alive: {exc.message}") from None
     options = LoadOptions(n_ctx=ctx, n_threads=threads, max_queue=max_queue)
+    workers = use_workers(rpc, tensor_split, options)  # probed before any model loads
     n_parallel = parallel or settings.num_parallel  # None: per model, by free memory
     options.validate()
     limits = Limits(
@@ -157,6 +163,8 @@ def serve(
         print_warning(warning)
     sock = open_socket(host, port)
     url = _url(sock)
+    if workers:
+        out.print(describe_workers(workers), markup=False, highlight=False, soft_wrap=True)
     out.print(
         f"mmchat is listening on {url} (Ollama API: {url}/api, OpenAI API: {url}/v1"
         f"{', API key required' if key else ''}; "

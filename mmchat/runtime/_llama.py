@@ -124,10 +124,24 @@ class DecodeError(RuntimeError):
 class TextModel:
     """A loaded ``llama_model`` and its vocabulary."""
 
-    def __init__(self, path: str, *, n_gpu_layers: int, verbose: bool = False) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        n_gpu_layers: int,
+        verbose: bool = False,
+        tensor_split: tuple[float, ...] | None = None,
+    ) -> None:
         ensure_backend(verbose)
         params = C.llama_model_default_params()
         params.n_gpu_layers = int(n_gpu_layers)
+        if tensor_split:  # proportions per GPU-type device (RPC devices first)
+            n_max = int(C.llama_max_devices())
+            if len(tensor_split) > n_max:
+                raise UserError(f"tensor split names {len(tensor_split)} devices, most is {n_max}")
+            split = (ctypes.c_float * n_max)(*[float(x) for x in tensor_split])
+            self._tensor_split = split  # llama.cpp reads it during the load only
+            params.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
         # llama.cpp's AMX/repacked CPU buffers crash on CPUs that advertise AMX but fault
         # on it (some VMs); mmchat.native.cpu self-tests them once per machine.
         params.use_extra_bufts = extra_buffers_usable()

@@ -179,7 +179,9 @@ def _open_libllama(path: Path, mm_path: Path | None, opts: LoadOptions) -> tuple
     n_gpu_layers = opts.n_gpu_layers
     if n_gpu_layers is None:
         n_gpu_layers = -1 if _llama.supports_gpu_offload() else 0
-    text = _llama.TextModel(str(path), n_gpu_layers=n_gpu_layers, verbose=opts.verbose)
+    text = _llama.TextModel(
+        str(path), n_gpu_layers=n_gpu_layers, verbose=opts.verbose, tensor_split=opts.tensor_split
+    )
     ctx: _llama.Context | None = None
     vision: Any = None
     try:

@@ -69,6 +69,10 @@ class LoadOptions:
     """With ``n_parallel`` > 1: requests that may wait for a free sequence before new ones are
     refused (``QueueFullError``; the server's 503)."""
 
+    tensor_split: tuple[float, ...] | None = None
+    """How the offloaded layers are shared between the GPU-type devices (RPC workers
+    first, then local GPUs), as proportions; ``None``: by free memory."""
+
     @classmethod
     def parity(cls, **overrides: Any) -> LoadOptions:
         """Exact arithmetic settings: flash attention off, f32 KV cache, no GPU offload."""
@@ -84,6 +88,15 @@ class LoadOptions:
             raise UserError(f"parallel sequences must be at least 1, got {self.n_parallel}")
         if self.n_threads is not None and self.n_threads < 1:
             raise UserError(f"thread count must be positive, got {self.n_threads}")
+        if self.tensor_split is not None and (
+            not self.tensor_split
+            or any(not x >= 0 for x in self.tensor_split)
+            or sum(self.tensor_split) <= 0
+        ):
+            raise UserError(
+                f"tensor split must be non-negative proportions with a positive sum, "
+                f"got {list(self.tensor_split)}"
+            )
         if self.kv_cache_type not in KV_CACHE_TYPES:
             raise UserError(
                 f"unknown KV cache type {self.kv_cache_type!r} "
