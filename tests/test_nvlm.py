@@ -180,9 +180,15 @@ def test_layout_is_tags_and_one_block_per_tile(outdir: Path) -> None:
         for name, info in meta["images"].items():
             img = load_image(ROOT / "images" / f"{name}.png")
             lay = eng.layout(img)
-            texts = [s.tokens for s in lay if isinstance(s, TextSpan)]
+            # "</Image>" is tokenized by the runtime together with the text after it (as
+            # NVLM-D's processor does): the last span carries the text, no tokens
+            closing = lay[-1]
+            assert isinstance(closing, TextSpan) and closing.text == "</Image>"
+            assert not closing.tokens
+            texts = [s.tokens for s in lay[:-1] if isinstance(s, TextSpan)]
             blocks = [s for s in lay if isinstance(s, EmbedSpan)]
-            assert [list(t) for t in texts] == info["tag_ids"]
+            closing_ids = lm.tokenize("</Image>", parse_special=False)
+            assert [*map(list, texts), closing_ids] == info["tag_ids"]
             assert [b.n_tokens for b in blocks] == [ROWS_PER_TILE] * info["n_tiles"]
             assert layout_rows(lay) == eng.tokens_for(img) == info["n_tiles"] * ROWS_PER_TILE
             assert layout_cells(lay) == layout_rows(lay) + sum(len(t) for t in texts)
@@ -406,3 +412,19 @@ def test_slow_tokenizer_files_give_the_same_vocabulary(outdir: Path, tmp_path: P
         return [list(r.fields[k].contents()) for k in keys]
 
     assert vocab(slow) == vocab(fast)
+
+
+def test_closing_tag_is_tokenized_with_the_text_after_it(outdir: Path) -> None:
+    """NVLM-D's processor tokenizes "...</Image>" and the following text in one pass (with
+    Qwen2's real vocabulary ">\\n" is one token there): the prompt's text after an image is
+    the tokenization of "</Image>" + that text, not of the two apart."""
+    from mmchat.runtime import LoadOptions, Message, load_model
+    from mmchat.runtime.pieces import PromptMedia
+
+    text, mmproj = converted(outdir)
+    with load_model(text, mmproj, LoadOptions.parity(n_threads=2)) as lm:
+        msgs = [Message("user", "What is this?", [load_image(ROOT / "images" / "portrait.png")])]
+        items = lm.build_prompt(msgs)
+        at = next(i for i, it in enumerate(items) if isinstance(it, PromptMedia))
+        after_marker = lm.render(msgs).split("<|mmchat-image-0|>", 1)[1]
+        assert items[at + 1] == lm.tokenize("</Image>" + after_marker)

@@ -197,11 +197,18 @@ class Chat:
 
     def _tokens(self, media: Any) -> int:
         """KV cells the media item takes (its rows and the engine's wrapper tokens)."""
-        from mmchat.vision.layout import layout_cells
+        from mmchat.vision.layout import TextSpan, layout_cells
 
         vision = self.model.vision
         if hasattr(vision, "layout"):
-            return layout_cells(tuple(vision.layout(media)))
+            layout = tuple(vision.layout(media))
+            # a closing tag the runtime tokenizes with the following text costs tokens too
+            glued = sum(
+                len(self.model.tokenize(s.text))
+                for s in layout
+                if isinstance(s, TextSpan) and s.text
+            )
+            return layout_cells(layout) + glued
         return int(vision.tokens_for(media))
 
     def load_audio(self, path: str, display: str) -> PreparedAudio:

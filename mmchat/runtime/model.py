@@ -358,12 +358,25 @@ class LoadedModel:
         """Render and tokenize; media items get their layout (not yet their embeddings)."""
         tmsgs, media = self._template_messages(messages, system)
         pieces = self.template.render(tmsgs, add_generation_prompt=add_generation_prompt)
-        items: list[PromptItem] = []
-        for seg in self.tokenizer.tokenize_pieces(pieces):
-            if isinstance(seg, ImageSlot):
-                items.append(self._prompt_media(media[seg.index]))
+        placed: dict[int, PromptMedia] = {}
+        glued: list[str | ImageSlot] = []
+        carry = ""  # a media item's closing text, tokenized with the text after it
+        for piece in pieces:
+            if isinstance(piece, ImageSlot):
+                if carry:
+                    glued.append(carry)
+                item = placed[piece.index] = self._prompt_media(media[piece.index])
+                glued.append(piece)
+                last = item.layout[-1] if item.layout else None
+                carry = last.text if isinstance(last, TextSpan) else ""
             else:
-                items.append(seg)
+                glued.append(carry + piece)
+                carry = ""
+        if carry:
+            glued.append(carry)
+        items: list[PromptItem] = []
+        for seg in self.tokenizer.tokenize_pieces(glued):
+            items.append(placed[seg.index] if isinstance(seg, ImageSlot) else seg)
         return items
 
     def _prompt_media(self, media: ImageInput) -> PromptMedia:

@@ -213,6 +213,11 @@ class InternVitEngine(VisionEngine):
         block = EmbedSpan(self.info.n_tokens)
         out: list[TextSpan | EmbedSpan] = []
         for i, piece in enumerate(pieces):
+            if i + 1 == len(pieces) and self.style == "nvlm" and piece:
+                # NVLM-D's processor tokenizes "</Image>" with the text after it (Qwen2's
+                # BPE merges ">\n"): the runtime does the same with this span's text
+                out.append(TextSpan((), text=piece))
+                continue
             ids = self._ids(piece)
             if ids:
                 out.append(TextSpan(ids))

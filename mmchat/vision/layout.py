@@ -10,16 +10,23 @@ max(rows, columns)), and whether it is decoded with causal attention off.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 
 @dataclass(frozen=True)
 class TextSpan:
-    """Text tokens the engine puts inside a media item (wrappers, separators)."""
+    """Text tokens the engine puts inside a media item (wrappers, separators).
+
+    ``text``: a closing wrapper the model's processor tokenized together with the prompt text
+    that follows it (NVLM-D's ``</Image>``: with Qwen2's BPE ``>\n`` is one token); the
+    span then has no tokens, and the runtime prepends ``text`` to the following text before
+    tokenizing it. Not part of equality or of the cached layout.
+    """
 
     tokens: tuple[int, ...]
+    text: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
