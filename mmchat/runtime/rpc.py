@@ -199,12 +199,41 @@ _ggml: Any = None
 DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "iGPU", 3: "accelerator", 4: "meta"}
 
 
+class _DlInfo(ctypes.Structure):
+    _fields_ = [
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    ]
+
+
+def _libllama_ggml() -> Any:
+    """The libggml instance libllama uses. A wheel cannot hold symlinks, so
+    ``llama_cpp/lib`` has ``libggml.so`` and ``libggml.so.0`` as two copies: libllama loads
+    the soname, ``llama_cpp._ggml`` the other, and devices registered in that second
+    registry are invisible to llama.cpp. dladdr() on a ggml function as libllama resolves
+    it names the right file."""
+    import llama_cpp.llama_cpp as C
+
+    try:
+        addr = ctypes.cast(C._lib.ggml_backend_dev_count, ctypes.c_void_p).value
+        libc = ctypes.CDLL(None)
+        info = _DlInfo()
+        if addr and libc.dladdr(ctypes.c_void_p(addr), ctypes.byref(info)) and info.dli_fname:
+            return ctypes.CDLL(info.dli_fname.decode())
+    except (AttributeError, OSError):
+        pass
+    from llama_cpp._ggml import libggml
+
+    return libggml
+
+
 def _lib() -> Any:
-    """libggml as llama-cpp-python loaded it, with the registry functions typed."""
+    """libggml as libllama uses it, with the registry functions typed."""
     global _ggml
     if _ggml is None:
-        from llama_cpp._ggml import libggml as lib
-
+        lib = _libllama_ggml()
         vp, cp, sz = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
         for name, res, args in (
             ("ggml_backend_reg_by_name", vp, [cp]),
