@@ -255,6 +255,11 @@ def test_worker_serves_probes_and_stops_on_ctrl_c(workers: list[Worker]) -> None
     assert report["rpc_available"] is True
     assert [x["endpoint"] for x in report["rpc_workers"]] == [x.endpoint for x in workers]
     assert all(x["devices"][0]["memory_total"] > 0 for x in report["rpc_workers"])
+    taken = subprocess.run(
+        [*MMCHAT, "rpc-worker", "--port", str(w.port)], capture_output=True, text=True, timeout=60
+    )
+    assert taken.returncode == 2 and f"cannot listen on {w.endpoint}" in taken.stderr
+    assert "serving" not in taken.stdout
     code, rest = w.stop()
     assert code == 0 and "rpc-worker stopped" in rest
     with pytest.raises(rpc.RpcError, match="unreachable"):

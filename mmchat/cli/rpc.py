@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -125,6 +126,7 @@ def rpc_worker(
         str(cache_dir) if cache_dir else "-",
         *[d.name for d in chosen],
     ]
+    _check_port_free(host, port)  # else the readiness probe could reach whoever holds it
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     proc = subprocess.Popen(cmd)
     try:
@@ -150,6 +152,15 @@ def rpc_worker(
     finally:
         _stop(proc)
         signal.signal(signal.SIGTERM, previous)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], host: str, port: int) -> WorkerInfo:
