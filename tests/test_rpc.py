@@ -331,3 +331,50 @@ def test_model_split_over_two_workers_matches_local(workers: list[Worker]) -> No
     placed = [ln for ln in proc.stderr.splitlines() if "model buffer size" in ln]
     for name in [w.endpoint for w in workers] + ["CPU"]:
         assert any(name in ln for ln in placed), placed
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from mmchat.runtime import LoadOptions, SamplingParams, load_model
+    from mmchat.runtime import rpc
+
+    model_path, endpoint, worker_pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    rpc.attach(rpc.parse_endpoints(endpoint))
+    m = load_model(model_path, options=LoadOptions(n_threads=1, n_gpu_layers=-1))
+    s = m.session(params=SamplingParams(temperature=0, max_tokens=100000))
+    for n, _ in enumerate(s.send("hello")):
+        if n == 10:
+            os.kill(worker_pid, signal.SIGKILL)
+            print("killed", flush=True)
+    print("finished", flush=True)
+    """
+)
+
+
+@needs_rpc
+def test_worker_killed_mid_reply_ends_the_process_with_one_clear_line(
+    workers: list[Worker],
+) -> None:
+    """Today's limit (README "Limits today"): ggml aborts the process that owns the
+    context when a worker dies; mmchat turns ggml's backtrace into one line."""
+    from support.models import converted
+
+    model, _ = converted("llava15_hf")
+    w = workers[0]
+    # `mmchat rpc-worker` is a parent; its child process runs ggml's server
+    children = Path(f"/proc/{w.proc.pid}/task/{w.proc.pid}/children")
+    if not children.is_file():
+        pytest.skip("needs /proc to find the worker's server process")
+    server = int(children.read_text().split()[0])
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(model), w.endpoint, str(server)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "killed" in proc.stdout and "finished" not in proc.stdout
+    assert proc.returncode == -signal.SIGABRT
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"Error: lost an RPC worker ({w.endpoint})")

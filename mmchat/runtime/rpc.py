@@ -21,6 +21,7 @@ connection but does not answer until that client leaves.
 from __future__ import annotations
 
 import ctypes
+import os
 import socket
 import struct
 import threading
@@ -315,6 +316,46 @@ def vision_device() -> str | None:
     return None if local_gpu else "cpu"
 
 
+_ABORT_CB_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+_abort_cb: Any = None
+
+
+def _on_ggml_abort(message: bytes | None) -> None:
+    """ggml's abort hook: one clear line instead of a gdb backtrace; the process still ends
+    (ggml calls abort() right after: a dead worker cannot be recovered from in-process)."""
+    try:
+        text = (message or b"").decode("utf-8", errors="replace").strip()
+        where = ", ".join(_attached) or "?"
+        if "RPC" in text or "rpc" in text:
+            line = (
+                f"Error: lost an RPC worker ({where}) during a computation: the reply is lost "
+                f"and llama.cpp ends this process. Restart the worker and run again. "
+                f"[ggml: {text.rsplit(': ', 1)[-1]}]\n"
+            )
+        else:
+            line = f"Error: llama.cpp aborted: {text}\n"
+        os.write(2, line.encode("utf-8", errors="replace"))
+    except Exception:  # a ctypes callback must never raise
+        pass
+
+
+def _install_abort_hook() -> None:
+    """Route ggml's aborts (in the libggml-base libllama uses) through ``_on_ggml_abort``."""
+    global _abort_cb
+    if _abort_cb is not None:
+        return
+    import llama_cpp.llama_cpp as C
+
+    try:
+        setter = C._lib.ggml_set_abort_callback
+    except AttributeError:
+        return
+    setter.restype = ctypes.c_void_p
+    setter.argtypes = [_ABORT_CB_TYPE]
+    _abort_cb = _ABORT_CB_TYPE(_on_ggml_abort)  # kept alive for the life of the process
+    setter(_abort_cb)
+
+
 def attached() -> list[WorkerInfo]:
     with _lock:
         return list(_attached.values())
@@ -335,6 +376,7 @@ def attach(endpoints: list[Endpoint], timeout: float = PROBE_TIMEOUT_S) -> list[
             _proc("ggml_backend_rpc_add_server")
         )
         lib = _lib()
+        _install_abort_hook()
         for ep, info in zip(new, infos, strict=True):
             reg = add_server(str(ep).encode())
             if not reg:
