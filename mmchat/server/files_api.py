@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -30,17 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from mmchat.errors import UserError
 from mmchat.server import schemas as S
-from mmchat.server.errors import ApiError, as_api_error, error_response
+from mmchat.server.errors import ApiError
 from mmchat.server.limits import MAX_DRAIN_BYTES
+from mmchat.server.progress import NDJSON, progress_response
 from mmchat.server.state import ServerState, state_of
 
 router = APIRouter(tags=["ollama"])
-NDJSON = "application/x-ndjson"
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": S.OllamaError, "description": "bad request"},
     404: {"model": S.OllamaError, "description": "unknown model or blob"},
@@ -82,10 +81,6 @@ def sweep_stale_temporaries(store: Any, *, older_than_s: float = STALE_AFTER_S) 
 def _sync(fh: Any) -> None:
     fh.flush()
     os.fsync(fh.fileno())
-
-
-def _json_line(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
 
 
 # ----------------------------------------------------------------------------- copy
@@ -452,44 +447,9 @@ class _Created:
 )
 async def create(req: S.CreateRequest, request: Request) -> Response:
     state = state_of(request)
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    end = object()
-
-    def put(item: Any) -> None:
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-    def work() -> None:
-        try:
-            _Created(req, state, put).run()
-        except BaseException as exc:
-            put(exc)
-        finally:
-            put(end)
-
-    threading.Thread(target=work, name="mmchat-create", daemon=True).start()
-    path = request.url.path
-    if not req.stream:
-        last: Any = None
-        while (item := await queue.get()) is not end:
-            if isinstance(item, BaseException):
-                return error_response(path, item)
-            last = item
-        return JSONResponse(last or {"status": "success"})
-    first = await queue.get()
-    if first is end:
-        return JSONResponse({"status": "success"})
-    if isinstance(first, BaseException):
-        return error_response(path, first)
-
-    async def lines() -> AsyncIterator[bytes]:
-        item = first
-        while item is not end:
-            if isinstance(item, BaseException):
-                yield _json_line({"error": as_api_error(item).message})
-            else:
-                yield _json_line(item)
-            item = await queue.get()
-
-    return StreamingResponse(lines(), media_type=NDJSON)
+    return await progress_response(
+        request.url.path,
+        stream=bool(req.stream),
+        name="mmchat-create",
+        work=lambda put: _Created(req, state, put).run(),
+    )

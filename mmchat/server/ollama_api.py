@@ -4,13 +4,10 @@ version. Streaming answers are NDJSON (one JSON object a line), the default; wit
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import json
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -25,10 +22,10 @@ from mmchat.server.errors import ApiError, as_api_error, error_response
 from mmchat.server.images import RawImage, decode_base64
 from mmchat.server.models import parse_keep_alive
 from mmchat.server.params import base_params, with_format, with_options
+from mmchat.server.progress import NDJSON, Put, ndjson_line, progress_response
 from mmchat.server.state import ServerState, state_of
 
 router = APIRouter(tags=["ollama"])
-NDJSON = "application/x-ndjson"
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": S.OllamaError, "description": "bad request"},
@@ -164,18 +161,14 @@ async def _run(
 
     def encode(item: Any) -> list[bytes]:
         if isinstance(item, BaseException):
-            return [_line({"error": as_api_error(item).message})]
+            return [ndjson_line({"error": as_api_error(item).message})]
         if isinstance(item, Token) and item.text:
-            return [_line({**head(), **piece(item.text), "done": False})]
+            return [ndjson_line({**head(), **piece(item.text), "done": False})]
         if isinstance(item, Done):
-            return [_line({**head(), **piece(""), "done": True, **_final_fields(gen, item)})]
+            return [ndjson_line({**head(), **piece(""), "done": True, **_final_fields(gen, item)})]
         return []
 
     return StreamingResponse(stream_batched(gen, first, encode), media_type=NDJSON)
-
-
-def _line(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
 
 
 # ----------------------------------------------------------------------------- endpoints
@@ -453,58 +446,26 @@ class _StreamProgress:
 async def pull(req: S.OllamaPullRequest, request: Request) -> Response:
     state = state_of(request)
     name = _model_name(req)
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    end = object()
 
-    def put(item: Any) -> None:
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-    def work() -> None:
+    def work(put: Put) -> None:
         from mmchat.hub import Puller
 
-        try:
-            progress: Any = _StreamProgress(put)
-            puller = Puller(state.manager.store, progress=progress)
-            plan = puller.plan(name)
-            put({"status": "pulling manifest"})
-            for f in plan.files:
-                if f.present:
-                    put({"status": f"{f.filename} already present", "digest": _sha(f.sha256)})
-            # (a loaded older version of the model is replaced on its next use: its id differs)
-            puller.pull(plan)
-            put({"status": "verifying sha256 digest"})
-            put({"status": "writing manifest"})
-            put({"status": "success"})
-        except BaseException as exc:
-            put(exc)
-        finally:
-            put(end)
+        progress: Any = _StreamProgress(put)
+        puller = Puller(state.manager.store, progress=progress)
+        plan = puller.plan(name)
+        put({"status": "pulling manifest"})
+        for f in plan.files:
+            if f.present:
+                put({"status": f"{f.filename} already present", "digest": _sha(f.sha256)})
+        # (a loaded older version of the model is replaced on its next use: its id differs)
+        puller.pull(plan)
+        put({"status": "verifying sha256 digest"})
+        put({"status": "writing manifest"})
+        put({"status": "success"})
 
-    threading.Thread(target=work, name="mmchat-pull", daemon=True).start()
-    path = request.url.path
-    if not req.stream:
-        last: Any = None
-        while (item := await queue.get()) is not end:
-            if isinstance(item, BaseException):
-                return error_response(path, item)
-            last = item
-        return JSONResponse(last or {"status": "success"})
-    first = await queue.get()
-    if isinstance(first, BaseException):
-        return error_response(path, first)
-
-    async def lines() -> AsyncIterator[bytes]:
-        item = first
-        while item is not end:
-            if isinstance(item, BaseException):
-                yield _line({"error": as_api_error(item).message})
-            else:
-                yield _line(item)
-            item = await queue.get()
-
-    return StreamingResponse(lines(), media_type=NDJSON)
+    return await progress_response(
+        request.url.path, stream=bool(req.stream), name="mmchat-pull", work=work
+    )
 
 
 def _sha(hexd: str | None) -> str | None:
