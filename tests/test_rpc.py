@@ -378,3 +378,85 @@ def test_worker_killed_mid_reply_ends_the_process_with_one_clear_line(
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith(f"Error: lost an RPC worker ({w.endpoint})")
+
+
+class Relay:
+    """127.0.0.1:port → a worker, counting the bytes the client sends."""
+
+    def __init__(self, target: int) -> None:
+        self.sent = 0
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"127.0.0.1:{self.srv.getsockname()[1]}"
+        self.target = target
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.srv.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                if count:
+                    self.sent += len(data)
+                dst.sendall(data)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+
+VISION_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from mmchat.runtime import LoadOptions, load_model
+    from mmchat.runtime import rpc
+
+    model, mmproj, endpoint, device = sys.argv[1:5]
+    rpc.attach(rpc.parse_endpoints(endpoint))
+    device = rpc.vision_device() if device == "auto" else None
+    opts = LoadOptions(n_threads=1, n_gpu_layers=0, vision_device=device)
+    with load_model(model, mmproj, opts) as m:
+        print("vision device", device, m.vision is not None, flush=True)
+    """
+)
+
+
+@needs_rpc
+def test_vision_encoder_stays_local(workers: list[Worker]) -> None:
+    """mtmd puts its encoder on the first GPU-type device, and RPC devices are GPU-type:
+    without a local GPU the CLI pins it to the CPU (``rpc.vision_device``). Measured by the
+    bytes sent to the worker while the mtmd projector (about 1 MB) loads; the text layers
+    stay local (``n_gpu_layers=0``)."""
+    if rpc.vision_device() != "cpu":
+        pytest.skip("a local GPU is present: the encoder takes it before any RPC device")
+    fixture = Path(__file__).parent / "fixtures" / "mtmd" / "smolvlm"
+    sent = {}
+    for mode in ("auto", "unpinned"):
+        relay = Relay(workers[0].port)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                VISION_SCRIPT,
+                str(fixture / "model.gguf"),
+                str(fixture / "mmproj.gguf"),
+                relay.endpoint,
+                mode,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        time.sleep(0.3)
+        sent[mode] = relay.sent
+        relay.srv.close()
+    size = (fixture / "mmproj.gguf").stat().st_size
+    assert sent["unpinned"] > size // 2, sent  # the proof that the measurement sees it
+    assert sent["auto"] < size // 20, sent
