@@ -460,3 +460,22 @@ def test_vision_encoder_stays_local(workers: list[Worker]) -> None:
     size = (fixture / "mmproj.gguf").stat().st_size
     assert sent["unpinned"] > size // 2, sent  # the proof that the measurement sees it
     assert sent["auto"] < size // 20, sent
+
+
+@needs_rpc
+def test_cli_run_with_rpc_answers_like_local(workers: list[Worker]) -> None:
+    from support.models import converted
+
+    model, mmproj = converted("llava15_hf")
+    image = Path(__file__).parent / "fixtures" / "images" / "landscape.png"
+    base = [*MMCHAT, "run", str(model), "--mmproj", str(mmproj), "--temperature", "0"]
+    base += ["--max-tokens", "10", "--plain", "--image", str(image), "Describe it."]
+    answers = []
+    for extra in ([], ["--rpc", ",".join(w.endpoint for w in workers), "--verbose"]):
+        proc = subprocess.run(
+            base + extra, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        answers.append(proc.stdout)
+    assert answers[0] == answers[1] and answers[0].strip()
+    assert "RPC workers: " + workers[0].endpoint in proc.stderr.replace("\n", "")
