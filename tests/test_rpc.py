@@ -479,3 +479,17 @@ def test_cli_run_with_rpc_answers_like_local(workers: list[Worker]) -> None:
         answers.append(proc.stdout)
     assert answers[0] == answers[1] and answers[0].strip()
     assert "RPC workers: " + workers[0].endpoint in proc.stderr.replace("\n", "")
+
+
+@needs_rpc
+def test_busy_worker_is_a_clear_error(workers: list[Worker]) -> None:
+    """A worker serves one client at a time: while another client holds it, the probe
+    times out with a message that says so (instead of ggml blocking or aborting)."""
+    w = workers[0]
+    with socket.create_connection(("127.0.0.1", w.port), timeout=5) as held:
+        held.sendall(struct.pack("<BQ", 14, 24) + bytes(24))  # HELLO: now it serves us
+        assert len(_read(held, 8 + 28)) == 36
+        with pytest.raises(rpc.RpcError, match="serving another client"):
+            rpc.probe(w.endpoint, timeout=1)
+    time.sleep(0.2)
+    assert rpc.probe(w.endpoint).version.startswith("7.")
