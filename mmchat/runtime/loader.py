@@ -137,6 +137,7 @@ def load_model(
             bos_token=bos,
             eos_token=eos,
         )
+        tmpl.image_separator = str(getattr(vision, "image_separator", "") or "")
         if vision is not None and getattr(vision, "kind", "") == "mtmd":
             # images go where llama-server puts them: mtmd's marker in the message text,
             # the family's wrapper tokens added by mtmd; text pieces tokenized as mtmd does

@@ -194,6 +194,8 @@ class ChatTemplate:
     """Where it came from: "explicit", "gguf" or "builtin"."""
     marker_style: str = "llava"
     """How images are placed: "llava" or "mtmd" (see the module docstring)."""
+    image_separator: str = ""
+    """Between two images of one message ("llava" style): NVLM-D's chat puts a newline."""
     parts_style: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -291,7 +293,7 @@ class ChatTemplate:
         payload = []
         k = 0
         for m in messages:
-            markers = "".join(_MARKER.format(k + i) for i in range(m.n_images))
+            markers = self.image_separator.join(_MARKER.format(k + i) for i in range(m.n_images))
             k += m.n_images
             content = (markers + "\n" + m.content) if markers else m.content
             payload.append({"role": m.role, "content": content})

@@ -151,6 +151,8 @@ class InternVitEngine(VisionEngine):
         if style not in STYLES:
             raise UserError(f"{mmproj.name}: prompt style {style!r} is not supported (nvlm)")
         self.style = style
+        # NVLM-D's chat() writes "<image>\n" per image: a newline between two images
+        self.image_separator = "\n" if style == "nvlm" else ""
         if not 1 <= self.min_tiles <= self.max_tiles <= 40:
             raise CorruptFileError(f"{mmproj}: tile bounds {self.min_tiles}..{self.max_tiles}")
         if tokenize is None and llama_model:
