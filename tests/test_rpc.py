@@ -60,11 +60,14 @@ def test_settings_and_tensor_split(monkeypatch: pytest.MonkeyPatch) -> None:
     for bad in ((), (-1.0, 2.0), (0.0, 0.0), (float("nan"),)):
         with pytest.raises(UserError, match="tensor split"):
             LoadOptions(tensor_split=bad).validate()
-    from mmchat.cli.rpc import parse_tensor_split
+    from mmchat.cli.rpc import parse_tensor_split, use_workers
 
     assert parse_tensor_split("3,1") == (3.0, 1.0)
     with pytest.raises(UserError, match="--tensor-split"):
         parse_tensor_split("3;1")
+    if not any(d.type in ("GPU", "iGPU") for d in rpc.local_devices()):
+        with pytest.raises(UserError, match=r"2 shares but there are 0 devices .* \(none: add"):
+            use_workers(None, "1,1", LoadOptions())
 
 
 # --- the probe against fake workers ---------------------------------------------------------
@@ -479,6 +482,15 @@ def test_cli_run_with_rpc_answers_like_local(workers: list[Worker]) -> None:
         answers.append(proc.stdout)
     assert answers[0] == answers[1] and answers[0].strip()
     assert "RPC workers: " + workers[0].endpoint in proc.stderr.replace("\n", "")
+    # three shares for two devices: refused before the model loads
+    proc = subprocess.run(
+        [*base, "--rpc", ",".join(w.endpoint for w in workers), "--tensor-split", "1,1,1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 2 and "3 shares but there are 2 devices" in proc.stderr
 
 
 @needs_rpc

@@ -219,11 +219,18 @@ def use_workers(
     if split is not None:
         options.tensor_split = split
     endpoints = rpc.parse_endpoints(rpc_arg if rpc_arg is not None else load_settings().rpc)
-    if not endpoints:
-        return []
-    infos = rpc.attach(endpoints)
-    if options.vision_device is None:
+    infos = rpc.attach(endpoints) if endpoints else []
+    if infos and options.vision_device is None:
         options.vision_device = rpc.vision_device()
+    if split is not None:
+        # llama.cpp reads one share per GPU-type device (RPC first) and ignores the rest
+        gpus = [d.name for d in rpc.local_devices() if d.type in ("GPU", "iGPU")]
+        if len(split) > len(gpus):
+            have = ", ".join(gpus) if gpus else "none: add --rpc workers or a GPU build"
+            raise UserError(
+                f"--tensor-split gives {len(split)} shares but there are {len(gpus)} devices "
+                f"to share between ({have})"
+            )
     return infos
 
 
