@@ -127,3 +127,12 @@ def test_damaged_download_is_detected(tmp_path: Path, monkeypatch: pytest.Monkey
         hub.corrupt.clear()
         res = convert("tiny/llava15-hf", outdir=tmp_path / "out", quant="f32")  # downloads again
         assert res.model_path.is_file()
+
+
+def test_store_family_names_every_llava_layout_llava_and_keeps_the_others() -> None:
+    from mmchat.cli.convert import store_family
+
+    for fam in ("llava-hf", "llava-next-hf", "llava-original", "bakllava-original"):
+        assert store_family(fam) == "llava"
+    for fam in ("blip2", "instructblip", "minigpt4", "nvlm_d", "neva", "idefics"):
+        assert store_family(fam) == fam

@@ -17,21 +17,25 @@ def _register(result: Any) -> str | None:
         from mmchat.store import open_store
     except ImportError:
         return None
-    import inspect
-
     store = open_store()
-    extra: dict[str, Any] = {}
-    if "family" in inspect.signature(store.register).parameters:
-        extra["family"] = "llava"
     record = store.register(
         result.name,
         model=result.model_path,
         mmproj=result.mmproj_path,
         template=result.chat_template,
         source={"type": "convert", **result.source},
-        **extra,
+        family=store_family(result.family),
     )
     return str(getattr(record, "name", result.name))
+
+
+def store_family(converter_family: str) -> str:
+    """The family name the store shows for a converter family: every LLaVA layout is
+    "llava" (as the registry names it); the others keep their own (blip2, nvlm_d, neva …)."""
+    name = converter_family.lower()
+    if name.startswith(("llava", "bakllava")):
+        return "llava"
+    return name
 
 
 @app.command()
