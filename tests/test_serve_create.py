@@ -236,3 +236,17 @@ def test_stale_upload_temporaries_are_swept_at_start(tmp_path: Path) -> None:
         assert not old.exists() and fresh.exists() and blob.exists()
     finally:
         srv.stop()
+
+
+def test_mmchat_run_uses_the_stored_system_prompt(
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model created with a system prompt (``/api/create``'s ``system``) gets it in
+    ``mmchat run`` too, unless ``--system`` says otherwise."""
+    from mmchat.repl.loader import resolve_model
+
+    client = live.ollama()
+    assert client.create(model="pirate", from_="tinytext", system="Talk like a pirate.").status
+    monkeypatch.setenv("MMCHAT_HOME", str(live.store.home))
+    source = resolve_model("pirate", pull=False)
+    assert source.system == "Talk like a pirate."

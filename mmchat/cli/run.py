@@ -144,7 +144,7 @@ def run(
         raise typer.Exit(130) from None
     try:
         params = loader.sampling_for(source).updated(**overrides)
-        session = loaded.session(system=system, params=params)
+        session = loaded.session(system=system or source.system, params=params)
         if verbose:
             err.print(f"load duration:        {load_ms:.1f} ms", style="dim", highlight=False)
 

@@ -31,6 +31,8 @@ class ModelSource:
     template: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     """Default options from the store manifest (Ollama names: ``temperature``, ``num_ctx``...)."""
+    system: str | None = None
+    """The model's stored system prompt (``create``'s ``system``), used unless ``--system``."""
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -66,6 +68,7 @@ def resolve_model(
         mmproj_path=mm,
         template=record.template,
         params=dict(record.params or {}),
+        system=getattr(record, "system", None),
     )
 
 
