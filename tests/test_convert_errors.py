@@ -56,7 +56,12 @@ def test_missing_config_and_source(tmp_path: Path) -> None:
 
 def test_missing_vision_tower(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Original LLaVA without its CLIP tower: named by repo id, offline, no --vision-tower."""
+    # huggingface_hub reads HF_HUB_OFFLINE once, when it is first imported: import it now,
+    # then patch both, so that the tests after this one are online again
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     out = tmp_path / "out"
     with pytest.raises(UserError) as exc:
         convert(fixture_dir("llava15_orig"), outdir=out, quant="f32", vision_quant="f32")
