@@ -237,7 +237,9 @@ def workers() -> Iterator[list[Worker]]:
     started = [Worker(_free_port()), Worker(_free_port())]
     yield started
     for w in started:
-        if w.proc.poll() is None:
+        try:
+            w.stop()  # Ctrl-C: the worker stops its server process too
+        except subprocess.TimeoutExpired:
             w.proc.kill()
             w.proc.wait()
 

@@ -12,9 +12,26 @@ import signal
 import sys
 
 
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the parent ends, even by SIGKILL (no orphaned server)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import os
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):
+        return
+    if os.getppid() == 1:  # the parent already ended before prctl
+        sys.exit(1)
+
+
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent()
     endpoint, threads, cache, *devices = argv
     from mmchat.errors import UserError
     from mmchat.runtime import rpc
