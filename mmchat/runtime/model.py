@@ -20,7 +20,6 @@ import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +40,7 @@ from mmchat.runtime.pieces import (
     count_positions,
     single_block,
 )
+from mmchat.runtime.results import Evaluation, PromptRun
 from mmchat.runtime.template import ChatTemplate, ImageSlot, TemplateMessage
 from mmchat.runtime.tokenizing import PromptTokenizer
 
@@ -58,42 +58,6 @@ __all__ = [
     "count_positions",
     "seed_or_random",
 ]
-
-
-@dataclass
-class Evaluation:
-    """What ``evaluate``/``evaluate_ids`` computed.
-
-    ``image_embeddings``: one float32 ``(rows, n_embd)`` array per media item, in prompt
-    order (all blocks of the item); ``logits``: float32 ``(n_vocab,)`` logits at the final
-    prompt position; ``segments``: the prompt exactly as it was decoded, in order: token-id
-    lists (the text and the engine's wrapper/separator tokens) and embedding arrays (one per
-    block), so that ``evaluate_ids(segments)`` replays it — except M-RoPE positions, which
-    only the media item carries.
-    """
-
-    image_embeddings: list[np.ndarray]
-    logits: np.ndarray
-    segments: list[list[int] | np.ndarray] = field(default_factory=list)
-
-    @property
-    def token_ids(self) -> list[int]:
-        """The text token ids of the prompt, wrapper tokens included (rows left out)."""
-        return [t for s in self.segments if isinstance(s, list) for t in s]
-
-
-@dataclass
-class PromptRun:
-    """Counters of one prompt evaluation."""
-
-    prompt_tokens: int = 0
-    evaluated: int = 0
-    cached: int = 0
-    images: int = 0
-    images_encoded: int = 0
-    images_from_cache: int = 0
-    encode_ms: float = 0.0
-    eval_ms: float = 0.0
 
 
 class LoadedModel:
