@@ -507,3 +507,46 @@ def test_busy_worker_is_a_clear_error(workers: list[Worker]) -> None:
             rpc.probe(w.endpoint, timeout=1)
     time.sleep(0.2)
     assert rpc.probe(w.endpoint).version.startswith("7.")
+
+
+@needs_rpc
+def test_serve_survives_a_worker_dying_mid_reply(workers: list[Worker], tmp_path: Path) -> None:
+    """`mmchat serve --rpc` keeps each model in a process of its own: the worker's death
+    ends that process (llama.cpp aborts) and the reply with one error; the server answers
+    the next request (an error while the worker is down, the model once it is back)."""
+    from functools import partial
+
+    import httpx
+    from support.models import converted
+    from test_serve import start_server
+
+    from mmchat.server.host import HostedModel
+    from mmchat.store import Store
+
+    model, _ = converted("llava15_hf")
+    store = Store(tmp_path)
+    store.register("m", model=model)
+    loader = partial(HostedModel, endpoints=[w.endpoint for w in workers])
+    srv = start_server(store, loader=loader, load_options=LoadOptions(n_ctx=4096, n_threads=1))
+    body = {"model": "m", "prompt": "Talk", "options": {"num_predict": 100000, "temperature": 1}}
+    try:
+        assert srv.ollama().generate("m", "hi", options={"num_predict": 2}).done
+        w = workers[0]
+        server_pid = int(
+            Path(f"/proc/{w.proc.pid}/task/{w.proc.pid}/children").read_text().split()[0]
+        )
+        lines: list[dict[str, object]] = []
+        with httpx.stream("POST", srv.url + "/api/generate", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(json.loads(line))
+                if len(lines) == 3:
+                    os.kill(server_pid, signal.SIGKILL)  # the worker dies mid-reply
+        assert "the model's process ended" in str(lines[-1].get("error"))
+        w.stop()
+        down = httpx.post(srv.url + "/api/generate", json={**body, "stream": False}, timeout=60)
+        assert down.status_code == 400 and w.endpoint in down.json()["error"]
+        workers[0] = Worker(w.port)  # the worker is back
+        assert srv.ollama().generate("m", "hi", options={"num_predict": 2}).done
+    finally:
+        srv.stop()

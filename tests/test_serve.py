@@ -62,6 +62,7 @@ def start_server(
     api_key: str | None = None,
     parallel: int | None = 1,
     load_options: LoadOptions | None = None,
+    loader: Any = None,
     **limits: Any,
 ) -> LiveServer:
     """A real server in a thread, on a free loopback port, serving ``store``."""
@@ -70,6 +71,7 @@ def start_server(
         load_options=load_options or LoadOptions(n_ctx=1024, n_threads=1),
         keep_alive_s=300,
         parallel=parallel,
+        loader=loader,
     )
     app = create_app(manager, api_key=api_key, limits=Limits(**limits))
     # proto IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on such sockets, and without

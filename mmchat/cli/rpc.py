@@ -86,7 +86,7 @@ def rpc_worker(
     from mmchat.settings import load_settings
 
     if not rpc.rpc_available():
-        raise UserError(rpc.NO_RPC_MESSAGE)
+        raise rpc.RpcError(rpc.NO_RPC_MESSAGE)
     if ":" in host.strip("[]"):
         raise UserError("IPv6 addresses are not supported by llama.cpp's RPC; use IPv4 or a name")
     local = [d for d in rpc.local_devices() if not d.is_rpc]
@@ -207,11 +207,12 @@ def parse_tensor_split(text: str | None) -> tuple[float, ...] | None:
 
 
 def use_workers(
-    rpc_arg: str | None, tensor_split: str | None, options: LoadOptions
+    rpc_arg: str | None, tensor_split: str | None, options: LoadOptions, *, attach: bool = True
 ) -> list[WorkerInfo]:
     """Probe and attach the workers of ``--rpc`` (else ``MMCHAT_RPC``) before any model is
     loaded, keep vision encoders off them, and apply ``--tensor-split`` to ``options``
-    (a ``LoadOptions``). Returns the attached workers' ``WorkerInfo``s (empty: none)."""
+    (a ``LoadOptions``). Returns the workers' ``WorkerInfo``s (empty: none). ``attach``
+    False: probe only (``serve`` attaches them in each model's own process)."""
     from mmchat.runtime import rpc
     from mmchat.settings import load_settings
 
@@ -219,7 +220,12 @@ def use_workers(
     if split is not None:
         options.tensor_split = split
     endpoints = rpc.parse_endpoints(rpc_arg if rpc_arg is not None else load_settings().rpc)
-    infos = rpc.attach(endpoints) if endpoints else []
+    if endpoints and not rpc.rpc_available():
+        raise rpc.RpcError(rpc.NO_RPC_MESSAGE)
+    if attach:
+        infos = rpc.attach(endpoints) if endpoints else []
+    else:
+        infos = [rpc.probe(ep) for ep in endpoints]
     if infos and options.vision_device is None:
         options.vision_device = rpc.vision_device()
     if split is not None:

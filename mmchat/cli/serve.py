@@ -140,7 +140,8 @@ def serve(
     except ApiError as exc:
         raise UserError(f"--keep-alive: {exc.message}") from None
     options = LoadOptions(n_ctx=ctx, n_threads=threads, max_queue=max_queue)
-    workers = use_workers(rpc, tensor_split, options)  # probed before any model loads
+    # probed before any model loads; each model attaches them in a process of its own
+    workers = use_workers(rpc, tensor_split, options, attach=False)
     n_parallel = parallel or settings.num_parallel  # None: per model, by free memory
     options.validate()
     limits = Limits(
@@ -148,11 +149,19 @@ def serve(
         max_images=max_images,
         max_image_pixels=settings.max_image_pixels,
     )
+    loader = None
+    if workers:  # llama.cpp aborts the process that loses a worker: not the server's
+        from functools import partial
+
+        from mmchat.server.host import HostedModel
+
+        loader = partial(HostedModel, endpoints=[w.endpoint for w in workers])
     manager = ModelManager(
         keep_alive_s=-1.0 if keep is None else keep,
         max_loaded=max_loaded,
         parallel=n_parallel,
         load_options=options,
+        loader=loader,
     )
     application = create_app(manager, api_key=key, limits=limits)
 

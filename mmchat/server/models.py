@@ -413,6 +413,12 @@ class ModelManager:
         Call with the model's lock held (``lease.model.lock``).
         """
         entry = lease.entry
+        if getattr(entry.model, "hosted", False):
+            raise ApiError(
+                400,
+                f"{entry.name} is served in a process of its own (serve --rpc): embeddings "
+                "are not available for it",
+            )
         if entry.embedder is None or entry.embedder.closed:
             from mmchat.runtime.embedding import open_embedder
 
