@@ -7,9 +7,6 @@ the GGUF's own pooling (CLS) for a tiny random BERT embedding model written here
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,11 +15,9 @@ import httpx
 import numpy as np
 import ollama
 import pytest
-import uvicorn
-from test_serve import LiveServer
+from test_serve import LiveServer, start_server
 
 from mmchat.runtime import LoadOptions
-from mmchat.server import Limits, ModelManager, create_app
 from mmchat.store import Store
 from mmchat.vision.synthetic import rel_l2
 
@@ -33,20 +28,7 @@ TEXTS = ["a red circle on a white background", "two blue squares, left to right"
 def start(store: Store, **limits: Any) -> LiveServer:
     """A real server whose models use exact arithmetic (flash attention off, f32 KV cache)."""
     options = LoadOptions(n_ctx=N_CTX, n_threads=1, flash_attn=False, kv_cache_type="f32")
-    manager = ModelManager(store=store, load_options=options, keep_alive_s=300)
-    app = create_app(manager, limits=Limits(**limits))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    return LiveServer(f"http://127.0.0.1:{port}", manager, store, server, thread)
+    return start_server(store, load_options=options, **limits)
 
 
 @pytest.fixture(scope="module")
