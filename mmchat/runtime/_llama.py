@@ -385,6 +385,8 @@ class Context:
         self.ptr: Any = ptr
         self.mem: Any = C.llama_get_memory(ptr)
         self.n_ctx = int(C.llama_n_ctx(ptr))
+        self.n_ctx_seq = self.n_ctx // max(1, int(n_seq_max))
+        """Cells one sequence may use (the context is shared by ``n_seq_max``)."""
         self.n_batch = int(C.llama_n_batch(ptr))
         self.n_ubatch = int(C.llama_n_ubatch(ptr))
         self.n_threads = int(C.llama_n_threads(ptr))
@@ -507,6 +509,9 @@ class Context:
 # --- sampling ---------------------------------------------------------------------------
 
 
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+
+
 class SamplerChain:
     """A llama.cpp sampler chain; freed with ``close()``."""
 
@@ -525,9 +530,24 @@ class SamplerChain:
         ``ctx`` is a ``Context``, or another ``TextBackend`` (its logits array is sampled)."""
         if isinstance(ctx, Context):
             return int(C.llama_sampler_sample(self.ptr, ctx.ptr, idx))
-        from mmchat.runtime.flamingo import sample_logits
+        return self.sample_logits(ctx.last_logits() if idx < 0 else ctx.logits_at(idx))
 
-        return sample_logits(self, ctx.last_logits() if idx < 0 else ctx.logits_at(idx))
+    def sample_logits(self, logits: np.ndarray) -> int:
+        """Sample one token from a logits vector (what ``llama_sampler_sample`` does with a
+        context's logits), and accept it."""
+        n = int(logits.shape[0])
+        data = np.zeros(n, dtype=_TOKEN_DATA)  # llama_token_data: id, logit, p
+        data["id"] = np.arange(n, dtype=np.int32)
+        data["logit"] = logits
+        cur = C.llama_token_data_array(
+            data.ctypes.data_as(ctypes.POINTER(C.llama_token_data)), n, -1, False
+        )
+        C.llama_sampler_apply(self.ptr, ctypes.byref(cur))
+        if not 0 <= int(cur.selected) < int(cur.size):
+            raise RuntimeError("the sampler chain selected no token")
+        token = int(cur.data[int(cur.selected)].id)
+        C.llama_sampler_accept(self.ptr, token)
+        return token
 
     def close(self) -> None:
         if self.ptr:

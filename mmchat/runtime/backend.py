@@ -18,6 +18,8 @@ import numpy as np
 class TextBackend(Protocol):
     n_ctx: int
     """KV cells of the context (all sequences together)."""
+    n_ctx_seq: int
+    """Cells (positions) one sequence may use."""
     n_batch: int
     n_ubatch: int
     n_threads: int

@@ -18,14 +18,14 @@ decoder, ``mmchat.native.decoder``). The pieces here fit the runtime's existing 
   images becomes ``<fake><image><fake><image><fake>``, as IDEFICS's processor writes it.
 - :class:`VocabModel` is the tokenizer: libllama reading only the vocabulary of the text
   GGUF (``vocab_only``: the cross-attention tensors stop a full libllama load on purpose).
-- :func:`sample_logits` runs llama.cpp's sampler chain on a logits array.
+- sampling runs llama.cpp's sampler chain on this backend's logits array
+  (``SamplerChain.sample_logits``).
 - :class:`IdeficsRuntime` ties them together for direct use and the parity tests
   (``evaluate_ids``: a prompt as token ids with its images; ``generate``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,29 +80,6 @@ class VocabModel(TextModel):
     def desc(self) -> str:
         n_layer = self.meta("llama.block_count") or "?"
         return f"idefics {n_layer} layers, {self.n_embd} wide (cross-attention decoder)"
-
-
-# --- sampling ---------------------------------------------------------------------------
-
-_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
-
-
-def sample_logits(chain: SamplerChain, logits: np.ndarray) -> int:
-    """Sample one token with a llama.cpp sampler chain from a logits vector (what
-    ``llama_sampler_sample`` does with a context's logits), and accept it."""
-    n = int(logits.shape[0])
-    data = np.zeros(n, dtype=_TOKEN_DATA)  # llama_token_data: id, logit, p
-    data["id"] = np.arange(n, dtype=np.int32)
-    data["logit"] = logits
-    cur = C.llama_token_data_array(
-        data.ctypes.data_as(ctypes.POINTER(C.llama_token_data)), n, -1, False
-    )
-    C.llama_sampler_apply(chain.ptr, ctypes.byref(cur))
-    if not 0 <= int(cur.selected) < int(cur.size):
-        raise RuntimeError("the sampler chain selected no token")
-    token = int(cur.data[int(cur.selected)].id)
-    C.llama_sampler_accept(chain.ptr, token)
-    return token
 
 
 # --- the decoder backend ----------------------------------------------------------------
@@ -320,7 +297,7 @@ class FlamingoBackend:
 
     def sample(self, chain: SamplerChain) -> int:
         """The generation step's sampling (llama.cpp's chain on this backend's logits)."""
-        return sample_logits(chain, self.last_logits())
+        return chain.sample_logits(self.last_logits())
 
     def close(self) -> None:
         self.ctx.close()

@@ -135,8 +135,7 @@ class LoadedModel:
     @property
     def n_ctx(self) -> int:
         """KV cells one sequence (one conversation) may use."""
-        per_seq = getattr(self.ctx, "n_ctx_seq", None)  # a backend that sizes per sequence
-        return int(per_seq) if per_seq else self.ctx.n_ctx // self.n_seq
+        return int(self.ctx.n_ctx_seq)
 
     @property
     def scheduler(self) -> Any:

@@ -33,7 +33,7 @@ import numpy as np
 from mmchat.errors import UserError
 from mmchat.runtime import _llama
 from mmchat.runtime.events import Done, DoneReason, Event, Stats, Token
-from mmchat.runtime.kvseq import Chunk, KVSequence
+from mmchat.runtime.kvseq import Chunk, ContextOverflowError, KVSequence
 from mmchat.runtime.pieces import PromptItem, PromptMedia, count_positions
 from mmchat.runtime.streaming import ReplyText
 
@@ -60,7 +60,8 @@ class Job:
     cancel: threading.Event
     stats: Stats
     events: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
-    slot: int | None = None
+    slot: int = -1
+    """Its sequence, once admitted."""
     chunks: Iterator[Chunk] | None = None
     pending: Chunk | None = None
     replying: bool = False
@@ -179,8 +180,6 @@ class BatchScheduler:
         model = self.model
         total = count_positions(job.items)
         if total > model.n_ctx:
-            from mmchat.runtime.kvseq import ContextOverflowError
-
             raise ContextOverflowError(total, model.n_ctx)
         job.t_start = time.perf_counter()
         job.stats.queue_ms = (job.t_start - job.t_submit) * 1000
@@ -219,12 +218,12 @@ class BatchScheduler:
         prompting = [j for j in self.jobs if j is not None and not j.replying]
         for job in prompting:
             if job.pending is not None and job.pending.embd is not None:
-                seq = self.slots[job.slot or 0]
+                seq = self.slots[job.slot]
                 try:
                     seq.apply(job.pending)
                 except BaseException as exc:
                     seq.sync()
-                    self._finish(job.slot or 0, job, exc)
+                    self._finish(job.slot, job, exc)
                     return
                 self._advance(job, t0)
                 return
@@ -235,7 +234,7 @@ class BatchScheduler:
         replying: list[tuple[Job, int]] = []
         for job in self.jobs:
             if job is not None and job.replying:
-                seq = self.slots[job.slot or 0]
+                seq = self.slots[job.slot]
                 if len(seq) >= model.n_ctx:
                     self._done(job, "length")
                     continue
@@ -250,11 +249,11 @@ class BatchScheduler:
             if job.pending is not None and job.pending.tokens is not None:
                 prompt_job, chunk = job, job.pending
                 break
-        if chunk is not None:
+        if prompt_job is not None and chunk is not None:
             assert chunk.tokens is not None
             tokens.extend(int(t) for t in chunk.tokens)
             pos.extend(int(p) for p in chunk.pos)
-            seqs.extend([prompt_job.slot or 0] * len(chunk.tokens))  # type: ignore[union-attr]
+            seqs.extend([prompt_job.slot] * len(chunk.tokens))
             logits.extend([0] * (len(chunk.tokens) - 1) + [1 if chunk.last else 0])
         if not tokens:
             return
@@ -272,12 +271,12 @@ class BatchScheduler:
                     self._finish(i, job, exc)
             return
         for job, _ in replying:
-            seq = self.slots[job.slot or 0]
+            seq = self.slots[job.slot]
             seq.units.append(job.token)
             seq.cell_pos.append(seq.next_pos)
             seq.next_pos += 1
         if prompt_job is not None and chunk is not None:
-            self.slots[prompt_job.slot or 0].commit(chunk)
+            self.slots[prompt_job.slot].commit(chunk)
         dt = time.perf_counter() - t0
         for job, idx in replying:
             job.busy_s += dt
@@ -335,7 +334,7 @@ class BatchScheduler:
         st.eval_ms = job.busy_s * 1000
         st.total_ms = (time.perf_counter() - job.t_start) * 1000
         st.done_reason = reason
-        self._finish(job.slot or 0, job, Done(text=job.reply.text, stats=st, done_reason=reason))
+        self._finish(job.slot, job, Done(text=job.reply.text, stats=st, done_reason=reason))
 
     def _finish(self, slot: int, job: Job, last: Any) -> None:
         job.chain.close()
