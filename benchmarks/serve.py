@@ -118,12 +118,16 @@ def measure_turns(calls: dict[str, Callable[[int], float | None]], n: int) -> di
 
 # ----------------------------------------------------------------------------- http
 def start_server(
-    home: Path, ctx: int, threads: int | None, server_cmd: str | None
+    home: Path,
+    ctx: int,
+    threads: int | None,
+    server_cmd: str | None,
+    extra: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen[str], str]:
     env = dict(os.environ, MMCHAT_HOME=str(home), MMCHAT_KEEP_ALIVE="-1")
     env.pop("MMCHAT_API_KEY", None)
     mmchat = shlex.split(server_cmd) if server_cmd else [sys.executable, "-m", "mmchat"]
-    cmd = [*mmchat, "serve", "--port", "0", "--ctx", str(ctx)]
+    cmd = [*mmchat, "serve", "--port", "0", "--ctx", str(ctx), *extra]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,19 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def start(home: Path, parallel: int, threads: int | None, ctx: int) -> tuple[Any, str]:
-    env = dict(os.environ, MMCHAT_HOME=str(home), MMCHAT_KEEP_ALIVE="-1")
-    env.pop("MMCHAT_API_KEY", None)
-    cmd = [sys.executable, "-m", "mmchat", "serve", "--port", "0", "--ctx", str(ctx)]
-    cmd += ["--parallel", str(parallel)]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "listening on " not in line:
-        proc.kill()
-        raise SystemExit(f"the server did not start: {line!r}")
-    return proc, line.split("listening on ", 1)[1].split(" ", 1)[0]
+    from serve import start_server  # benchmarks/serve.py: the same server start-up
+
+    return start_server(home, ctx, threads, None, ("--parallel", str(parallel)))
 
 
 def stream_once(url: str, model: str, prompt: str, tokens: int) -> tuple[float, int, float]:
