@@ -1,6 +1,7 @@
 // Loading a vision GGUF: file checks, the family its clip.projector_type names (family.cpp),
 // device choice, weight upload. The family reads its keys and declares its tensors; this file
 // knows nothing about any model's layout.
+#include "gguf_io.h"
 #include "internal.h"
 #include "loader.h"
 #include "model.h"
@@ -18,42 +19,27 @@
 namespace mmv {
 namespace {
 
-struct GgufDeleter {
-    void operator()(gguf_context * g) const { gguf_free(g); }
-};
-using gguf_ptr = std::unique_ptr<gguf_context, GgufDeleter>;
-
-struct FileCloser {
-    void operator()(FILE * f) const { std::fclose(f); }
-};
-using file_ptr = std::unique_ptr<FILE, FileCloser>;
-
-std::string lower(std::string s) {
-    for (auto & c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    return s;
-}
-
 class Loader {
   public:
     Loader(const char * path, const mmv_model_params & params) : path_(path), params_(params) {}
 
     std::unique_ptr<mmv_model> run() {
-        open_file();
+        file_ = open_gguf(path_);
         auto model = std::make_unique<mmv_model>();
         model_ = model.get();
         read_family();
-        const size_t n_max = 64 + static_cast<size_t>(gguf_get_n_tensors(gguf_.get()));
+        const size_t n_max = 64 + static_cast<size_t>(gguf_get_n_tensors(file_.g.get()));
         ggml_init_params ip{};
         ip.mem_size = ggml_tensor_overhead() * n_max;
         ip.no_alloc = true;
         model_->ctx_w.reset(ggml_init(ip));
         if (!model_->ctx_w) throw Error(MMV_ERR_OUT_OF_MEMORY, "cannot create the weight context");
-        WeightLoader w(path_, gguf_.get(), meta_.get(), model_->ctx_w.get());
+        WeightLoader w(path_, file_.g.get(), file_.meta.get(), model_->ctx_w.get());
         Hparams & hp = model_->hp;
         model_->family->load(w, hp);
         check_common(hp);
         choose_device();
-        upload(w.pending());
+        model_->buf_w = upload_weights(file_, model_->ctx_w.get(), model_->device, w.pending());
         model_->max_batch = std::max(1, params_.max_batch);
         mmv_status st = build_and_reserve(*model_);
         if (st != MMV_OK) throw Error(st, mmv_last_error());
@@ -61,41 +47,8 @@ class Loader {
     }
 
   private:
-    void open_file() {
-        {
-            file_ptr f(std::fopen(path_.c_str(), "rb"));
-            if (!f) throw Error(MMV_ERR_IO, "cannot open " + path_ + ": " + std::strerror(errno));
-            if (std::fseek(f.get(), 0, SEEK_END) != 0) throw Error(MMV_ERR_IO, "cannot seek in " + path_);
-            long sz = std::ftell(f.get());
-            if (sz < 0) throw Error(MMV_ERR_IO, "cannot size " + path_);
-            file_size_ = static_cast<uint64_t>(sz);
-            char magic[4] = {0, 0, 0, 0};
-            std::fseek(f.get(), 0, SEEK_SET);
-            if (std::fread(magic, 1, 4, f.get()) != 4 || std::memcmp(magic, "GGUF", 4) != 0) {
-                format_error(path_ + " is not a GGUF file");
-            }
-        }
-        ggml_context * meta = nullptr;
-        gguf_init_params gp{};
-        gp.no_alloc = true;
-        gp.ctx = &meta;
-        gguf_.reset(gguf_init_from_file(path_.c_str(), gp));
-        meta_.reset(meta);
-        if (!gguf_) format_error(path_ + " is a damaged or truncated GGUF file (header unreadable)");
-        const size_t data_off = gguf_get_data_offset(gguf_.get());
-        const int64_t n = gguf_get_n_tensors(gguf_.get());
-        for (int64_t i = 0; i < n; ++i) {
-            uint64_t end = data_off + gguf_get_tensor_offset(gguf_.get(), i) + gguf_get_tensor_size(gguf_.get(), i);
-            if (end > file_size_) {
-                format_error(path_ + " is truncated: tensor " + gguf_get_tensor_name(gguf_.get(), i) +
-                             " ends at byte " + std::to_string(end) + " but the file has " +
-                             std::to_string(file_size_));
-            }
-        }
-    }
-
     void read_family() {
-        WeightLoader k(path_, gguf_.get(), meta_.get(), nullptr);
+        WeightLoader k(path_, file_.g.get(), file_.meta.get(), nullptr);
         std::string arch = k.get_str("general.architecture", "");
         if (arch != "clip") {
             format_error(path_ + " is not a vision projector (mmproj) file: its architecture is '" + arch +
@@ -128,25 +81,7 @@ class Loader {
     }
 
     void choose_device() {
-        std::string want = params_.device ? params_.device : "";
-        ggml_backend_dev_t dev = nullptr;
-        if (want.empty() || lower(want) == "auto") {
-            dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU);
-            if (!dev) dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_IGPU);
-            if (!dev) dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-        } else if (lower(want) == "cpu") {
-            dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-        } else {
-            std::string names;
-            for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
-                ggml_backend_dev_t d = ggml_backend_dev_get(i);
-                const char * nm = ggml_backend_dev_name(d);
-                names += (i ? ", " : "") + std::string(nm);
-                if (lower(nm) == lower(want)) dev = d;
-            }
-            if (!dev) throw Error(MMV_ERR_INVALID_ARGUMENT, "no compute device named '" + want + "' (have: " + names + ")");
-        }
-        if (!dev) throw Error(MMV_ERR_BACKEND, "no ggml compute device is available");
+        ggml_backend_dev_t dev = pick_device(params_.device);
         model_->device = dev;
         model_->device_name = ggml_backend_dev_name(dev);
         model_->backend.reset(ggml_backend_dev_init(dev, nullptr));
@@ -157,70 +92,21 @@ class Loader {
             model_->backend_cpu.reset(ggml_backend_dev_init(cpu, nullptr));
             if (!model_->backend_cpu) throw Error(MMV_ERR_BACKEND, "cannot initialise the CPU backend");
         }
-        int32_t nt = params_.n_threads;
-        if (nt <= 0) nt = static_cast<int32_t>(std::max(1u, std::thread::hardware_concurrency()));
-        model_->n_threads = nt;
+        model_->n_threads = thread_count(params_.n_threads);
         apply_n_threads(*model_);
-    }
-
-    void upload(const std::vector<WeightLoader::Pending> & pending) {
-        ggml_backend_buffer_type_t buft = ggml_backend_dev_buffer_type(model_->device);
-        model_->buf_w.reset(ggml_backend_alloc_ctx_tensors_from_buft(model_->ctx_w.get(), buft));
-        if (!model_->buf_w) {
-            throw Error(MMV_ERR_OUT_OF_MEMORY, "not enough memory on " + model_->device_name + " for the weights");
-        }
-        ggml_backend_buffer_set_usage(model_->buf_w.get(), GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-
-        file_ptr f(std::fopen(path_.c_str(), "rb"));
-        if (!f) throw Error(MMV_ERR_IO, "cannot open " + path_ + ": " + std::strerror(errno));
-        const size_t data_off = gguf_get_data_offset(gguf_.get());
-        std::vector<uint8_t> raw;
-        std::vector<float> conv;
-        for (const WeightLoader::Pending & pd : pending) {
-            const size_t n_bytes = gguf_get_tensor_size(gguf_.get(), pd.gguf_id);
-            const uint64_t off = data_off + gguf_get_tensor_offset(gguf_.get(), pd.gguf_id);
-            raw.resize(n_bytes);
-#if defined(_WIN32)
-            int rc = _fseeki64(f.get(), static_cast<long long>(off), SEEK_SET);
-#else
-            int rc = fseeko(f.get(), static_cast<off_t>(off), SEEK_SET);
-#endif
-            if (rc != 0 || std::fread(raw.data(), 1, n_bytes, f.get()) != n_bytes) {
-                throw Error(MMV_ERR_IO, "cannot read tensor " + std::string(ggml_get_name(pd.dst)) + " from " + path_);
-            }
-            const ggml_type src_type = gguf_get_tensor_type(gguf_.get(), pd.gguf_id);
-            if (pd.store == Store::F32 && src_type != GGML_TYPE_F32) {
-                const int64_t n = ggml_nelements(pd.dst);
-                conv.resize(static_cast<size_t>(n));
-                ggml_get_type_traits(src_type)->to_float(raw.data(), conv.data(), n);
-                ggml_backend_tensor_set(pd.dst, conv.data(), 0, conv.size() * sizeof(float));
-            } else {
-                if (n_bytes != ggml_nbytes(pd.dst)) format_error("tensor size mismatch for " + std::string(ggml_get_name(pd.dst)));
-                ggml_backend_tensor_set(pd.dst, raw.data(), 0, n_bytes);
-            }
-        }
     }
 
     std::string path_;
     mmv_model_params params_;
-    uint64_t file_size_ = 0;
-    gguf_ptr gguf_;
-    context_ptr meta_;
+    GgufFile file_;
     mmv_model * model_ = nullptr;
 };
 
 }  // namespace
 
 void apply_n_threads(mmv_model & model) {
-    for (ggml_backend_t b : {model.backend.get(), model.backend_cpu.get()}) {
-        if (b == nullptr) continue;
-        ggml_backend_dev_t dev = ggml_backend_get_device(b);
-        if (dev == nullptr || ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) continue;
-        ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
-        auto fn = reinterpret_cast<ggml_backend_set_n_threads_t>(
-            ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads"));
-        if (fn) fn(b, model.n_threads);
-    }
+    set_cpu_threads(model.backend.get(), model.n_threads);
+    set_cpu_threads(model.backend_cpu.get(), model.n_threads);
 }
 
 }  // namespace mmv

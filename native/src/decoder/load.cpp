@@ -1,5 +1,6 @@
 // Loading the cross-attention decoder (IDEFICS text GGUF, docs/idefics-gguf.md): keys, tensor
 // declarations with shape checks (WeightLoader), device choice and weight upload.
+#include "../gguf_io.h"
 #include "../internal.h"
 #include "../loader.h"
 #include "decoder.h"
@@ -22,98 +23,30 @@ using mmv::Error;
 using mmv::format_error;
 using mmv::Store;
 
-struct GgufDeleter {
-    void operator()(gguf_context * g) const { gguf_free(g); }
-};
-struct FileCloser {
-    void operator()(FILE * f) const { std::fclose(f); }
-};
-using file_ptr = std::unique_ptr<FILE, FileCloser>;
-
-std::string lower(std::string s) {
-    for (auto & c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    return s;
-}
-
-ggml_backend_dev_t pick_device(const char * device) {
-    std::string want = device ? device : "";
-    if (want.empty() || lower(want) == "auto") {
-        ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU);
-        if (!dev) dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_IGPU);
-        if (!dev) dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-        if (!dev) throw Error(MMV_ERR_BACKEND, "no ggml compute device is available");
-        return dev;
-    }
-    if (lower(want) == "cpu") {
-        ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-        if (!dev) throw Error(MMV_ERR_BACKEND, "no CPU backend is available");
-        return dev;
-    }
-    std::string names;
-    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
-        ggml_backend_dev_t d = ggml_backend_dev_get(i);
-        const char * nm = ggml_backend_dev_name(d);
-        names += (i ? ", " : "") + std::string(nm);
-        if (lower(nm) == lower(want)) return d;
-    }
-    throw Error(MMV_ERR_INVALID_ARGUMENT, "no compute device named '" + want + "' (have: " + names + ")");
-}
-
 class DecoderLoader {
   public:
     DecoderLoader(const char * path, const mmd_model_params & p) : path_(path), params_(p) {}
 
     std::unique_ptr<mmd_model> run() {
-        open();
+        file_ = mmv::open_gguf(path_);
         auto model = std::make_unique<mmd_model>();
         m_ = model.get();
-        const size_t n_max = 64 + static_cast<size_t>(gguf_get_n_tensors(g_.get()));
+        const size_t n_max = 64 + static_cast<size_t>(gguf_get_n_tensors(file_.g.get()));
         ggml_init_params ip{};
         ip.mem_size = ggml_tensor_overhead() * n_max;
         ip.no_alloc = true;
         m_->ctx_w.reset(ggml_init(ip));
         if (!m_->ctx_w) throw Error(MMV_ERR_OUT_OF_MEMORY, "cannot create the weight context");
-        mmv::WeightLoader w(path_, g_.get(), meta_.get(), m_->ctx_w.get());
+        mmv::WeightLoader w(path_, file_.g.get(), file_.meta.get(), m_->ctx_w.get());
         read(w);
-        m_->device = pick_device(params_.device);
+        m_->device = mmv::pick_device(params_.device);
         m_->device_name = ggml_backend_dev_name(m_->device);
-        m_->n_threads = params_.n_threads > 0 ? params_.n_threads
-                                              : static_cast<int32_t>(std::max(1u, std::thread::hardware_concurrency()));
-        upload(w.pending());
+        m_->n_threads = mmv::thread_count(params_.n_threads);
+        m_->buf_w = mmv::upload_weights(file_, m_->ctx_w.get(), m_->device, w.pending());
         return model;
     }
 
   private:
-    void open() {
-        {
-            file_ptr f(std::fopen(path_.c_str(), "rb"));
-            if (!f) throw Error(MMV_ERR_IO, "cannot open " + path_ + ": " + std::strerror(errno));
-            char magic[4] = {0, 0, 0, 0};
-            if (std::fread(magic, 1, 4, f.get()) != 4 || std::memcmp(magic, "GGUF", 4) != 0) {
-                format_error(path_ + " is not a GGUF file");
-            }
-            if (std::fseek(f.get(), 0, SEEK_END) != 0) throw Error(MMV_ERR_IO, "cannot seek in " + path_);
-            const long sz = std::ftell(f.get());
-            if (sz < 0) throw Error(MMV_ERR_IO, "cannot size " + path_);
-            file_size_ = static_cast<uint64_t>(sz);
-        }
-        ggml_context * meta = nullptr;
-        gguf_init_params gp{};
-        gp.no_alloc = true;
-        gp.ctx = &meta;
-        g_.reset(gguf_init_from_file(path_.c_str(), gp));
-        meta_.reset(meta);
-        if (!g_) format_error(path_ + " is a damaged or truncated GGUF file (header unreadable)");
-        const size_t off = gguf_get_data_offset(g_.get());
-        for (int64_t i = 0; i < gguf_get_n_tensors(g_.get()); ++i) {
-            const uint64_t end = off + gguf_get_tensor_offset(g_.get(), i) + gguf_get_tensor_size(g_.get(), i);
-            if (end > file_size_) {
-                format_error(path_ + " is truncated: tensor " + gguf_get_tensor_name(g_.get(), i) + " ends at byte " +
-                             std::to_string(end) + " but the file has " + std::to_string(file_size_));
-            }
-        }
-    }
-
     void read(mmv::WeightLoader & w) {
         const std::string arch = w.get_str("general.architecture", "");
         if (arch != "llama") {
@@ -195,55 +128,15 @@ class DecoderLoader {
         }
     }
 
-    void upload(const std::vector<mmv::WeightLoader::Pending> & pending) {
-        ggml_backend_buffer_type_t buft = ggml_backend_dev_buffer_type(m_->device);
-        m_->buf_w.reset(ggml_backend_alloc_ctx_tensors_from_buft(m_->ctx_w.get(), buft));
-        if (!m_->buf_w) throw Error(MMV_ERR_OUT_OF_MEMORY, "not enough memory on " + m_->device_name + " for the weights");
-        ggml_backend_buffer_set_usage(m_->buf_w.get(), GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-        file_ptr f(std::fopen(path_.c_str(), "rb"));
-        if (!f) throw Error(MMV_ERR_IO, "cannot open " + path_ + ": " + std::strerror(errno));
-        const size_t data_off = gguf_get_data_offset(g_.get());
-        std::vector<uint8_t> raw;
-        std::vector<float> conv;
-        for (const auto & pd : pending) {
-            const size_t n_bytes = gguf_get_tensor_size(g_.get(), pd.gguf_id);
-            const uint64_t off = data_off + gguf_get_tensor_offset(g_.get(), pd.gguf_id);
-            raw.resize(n_bytes);
-            if (fseeko(f.get(), static_cast<off_t>(off), SEEK_SET) != 0 ||
-                std::fread(raw.data(), 1, n_bytes, f.get()) != n_bytes) {
-                throw Error(MMV_ERR_IO, "cannot read tensor " + std::string(ggml_get_name(pd.dst)) + " from " + path_);
-            }
-            const ggml_type src = gguf_get_tensor_type(g_.get(), pd.gguf_id);
-            if (pd.store == Store::F32 && src != GGML_TYPE_F32) {
-                const int64_t n = ggml_nelements(pd.dst);
-                conv.resize(static_cast<size_t>(n));
-                ggml_get_type_traits(src)->to_float(raw.data(), conv.data(), n);
-                ggml_backend_tensor_set(pd.dst, conv.data(), 0, conv.size() * sizeof(float));
-            } else {
-                if (n_bytes != ggml_nbytes(pd.dst)) format_error("tensor size mismatch for " + std::string(ggml_get_name(pd.dst)));
-                ggml_backend_tensor_set(pd.dst, raw.data(), 0, n_bytes);
-            }
-        }
-    }
-
     std::string path_;
     mmd_model_params params_;
-    uint64_t file_size_ = 0;
-    std::unique_ptr<gguf_context, GgufDeleter> g_;
-    mmv::context_ptr meta_;
+    mmv::GgufFile file_;
     mmd_model * m_ = nullptr;
 };
 
 }  // namespace
 
-void apply_n_threads(ggml_backend_t b, int32_t n_threads) {
-    if (b == nullptr) return;
-    ggml_backend_dev_t dev = ggml_backend_get_device(b);
-    if (dev == nullptr || ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) return;
-    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
-    auto fn = reinterpret_cast<ggml_backend_set_n_threads_t>(ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads"));
-    if (fn) fn(b, n_threads);
-}
+void apply_n_threads(ggml_backend_t b, int32_t n_threads) { mmv::set_cpu_threads(b, n_threads); }
 
 }  // namespace mmd
 
