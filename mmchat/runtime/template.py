@@ -275,17 +275,9 @@ class ChatTemplate:
         first_error: TemplateError | None = None
         for payload in (as_text, as_parts):
             try:
-                pieces = self._render_checked(payload, messages, n_images, add_generation_prompt)
+                return self._render_checked(payload, messages, n_images, add_generation_prompt)
             except TemplateError as exc:
                 first_error = first_error or exc
-                continue
-            joined = "".join(p for p in pieces if isinstance(p, str))
-            lost = any(m.content.strip() and m.content.strip() not in joined for m in messages)
-            if not lost:
-                return pieces
-            first_error = first_error or TemplateError(
-                f"chat template {self.name!r} left out the text of a message"
-            )
         assert first_error is not None
         raise first_error
 
@@ -325,7 +317,7 @@ class ChatTemplate:
             raise TemplateError(
                 f"chat template {self.name!r} placed {found} image(s) for {n_images} attached"
             )
-        if self.parts_style and self.marker_style != "mtmd":
+        if self.parts_style or self.marker_style == "mtmd":  # renderings that may drop text
             joined = "".join(p for p in pieces if isinstance(p, str))
             for m in messages:
                 if m.content.strip() and m.content.strip() not in joined:
