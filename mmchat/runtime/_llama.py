@@ -387,6 +387,8 @@ class Context:
         self.n_ctx = int(C.llama_n_ctx(ptr))
         self.n_ctx_seq = self.n_ctx // max(1, int(n_seq_max))
         """Cells one sequence may use (the context is shared by ``n_seq_max``)."""
+        self.n_embd_image = 0
+        """Width of image rows decoded besides input embeddings: none for libllama."""
         self.n_batch = int(C.llama_n_batch(ptr))
         self.n_ubatch = int(C.llama_n_ubatch(ptr))
         self.n_threads = int(C.llama_n_threads(ptr))

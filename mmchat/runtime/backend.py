@@ -20,6 +20,9 @@ class TextBackend(Protocol):
     """KV cells of the context (all sequences together)."""
     n_ctx_seq: int
     """Cells (positions) one sequence may use."""
+    n_embd_image: int
+    """Width of image rows it takes besides ``n_embd``-wide input embeddings (a
+    cross-attention decoder's vision width), 0 for none."""
     n_batch: int
     n_ubatch: int
     n_threads: int

@@ -134,6 +134,8 @@ class FlamingoBackend:
         self.n_ctx = int(n_ctx)
         self.n_ctx_seq = int(n_ctx)
         """Positions each sequence may use (``LoadedModel.n_ctx``)."""
+        self.n_embd_image = int(self.info.n_embd_image)
+        """Image rows (the vision width) go to the cross-attention."""
         self.n_batch = self.ctx.n_batch
         self.n_ubatch = self.ctx.n_batch
         self.n_threads = threads
@@ -226,7 +228,7 @@ class FlamingoBackend:
     ) -> None:
         if embd.ndim != 2:
             raise ValueError(f"embeddings of shape {embd.shape}")
-        if embd.shape[1] == self.info.n_embd_image:
+        if embd.shape[1] == self.n_embd_image:
             # an image: its rows go to the cross-attention, its <image> token to the sequence
             p = int(pos if not isinstance(pos, np.ndarray) else pos.reshape(-1)[0])
             self.add_image(embd, p, seq_id)

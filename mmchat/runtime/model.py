@@ -381,8 +381,7 @@ class LoadedModel:
 
     def _check_embd(self, emb: np.ndarray) -> None:
         # a cross-attention decoder also takes image rows of its vision width
-        image_width = getattr(getattr(self.ctx, "info", None), "n_embd_image", None)
-        if emb.ndim == 2 and image_width and emb.shape[1] == image_width:
+        if emb.ndim == 2 and self.ctx.n_embd_image and emb.shape[1] == self.ctx.n_embd_image:
             return
         if emb.ndim != 2 or emb.shape[1] != self.n_embd:
             raise UserError(

@@ -154,7 +154,7 @@ class MtmdEngine(VisionEngine):
         self.image_size = 0  # mtmd picks the size per image
         self.use_mrope = bool(mtmd.mtmd_decode_use_mrope(self._ctx))
         self._layouts: dict[str, Layout] = {}
-        self._img_break = _img_break(mmproj) if projector_type == "pixtral" else None
+        self._img_break = img_break_row(mmproj) if projector_type == "pixtral" else None
 
     # one input -> its chunks -------------------------------------------------------------
     def _bitmap(self, media: Media) -> Any:
@@ -322,7 +322,7 @@ class MtmdEngine(VisionEngine):
             self._ctx = None
 
 
-def _img_break(mmproj: Path) -> np.ndarray | None:
+def img_break_row(mmproj: Path) -> np.ndarray | None:
     """Pixtral's ``v.token_embd.img_break`` row (float32), when the file has one."""
     from gguf import GGUFReader
     from gguf.quants import dequantize

@@ -177,7 +177,9 @@ def mtmd_reference(
             layout.append(Chunk(kind, n_tok, n_pos, toks, nx, ny))
 
         new_n_past = L.llama_pos(0)
-        brk = _img_break(mmproj)
+        from mmchat.vision.mtmd import img_break_row
+
+        brk = img_break_row(mmproj)
         if brk is None:
             rc = M.mtmd_helper_eval_chunks(
                 mctx, lctx, chunks, 0, 0, n_batch, True, ctypes.byref(new_n_past)
@@ -208,16 +210,6 @@ def mtmd_reference(
             L.llama_free(lctx)
         L.llama_model_free(lmodel)
         del keep
-
-
-def _img_break(mmproj: Path) -> np.ndarray | None:
-    """Pixtral's [IMG_BREAK] row, when the projector has one."""
-    import gguf
-
-    for t in gguf.GGUFReader(str(mmproj)).tensors:
-        if t.name == "v.token_embd.img_break":
-            return np.asarray(t.data, dtype=np.float32).reshape(-1)
-    return None
 
 
 def _eval_pixtral(
