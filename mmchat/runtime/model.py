@@ -171,6 +171,12 @@ class LoadedModel:
         after an M-RoPE image)."""
         return self._seq.next_pos
 
+    def activity(self) -> tuple[int, int] | None:
+        """(replies running, requests queued) in the batch scheduler, None without one
+        (it is not started just to answer)."""
+        scheduler = self._scheduler
+        return (scheduler.active, scheduler.queued) if scheduler is not None else None
+
     def describe(self) -> dict[str, Any]:
         """Facts for ``/show info`` and ``/api/show``."""
         return {

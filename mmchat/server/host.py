@@ -39,7 +39,6 @@ class HostedModel:
 
     hosted = True
     n_seq = 1
-    _scheduler = None
 
     def __init__(
         self,
@@ -97,6 +96,9 @@ class HostedModel:
 
     def describe(self) -> dict[str, Any]:
         return dict(self._facts["describe"])
+
+    def activity(self) -> tuple[int, int] | None:
+        return None  # one request at a time, queued on ``lock``
 
     def session(self, system: str | None = None, params: Any = None) -> HostedSession:
         return HostedSession(self, system, params)

@@ -436,14 +436,15 @@ class ModelManager:
         """Readiness and load, for ``/health`` (a load balancer's view)."""
         models = []
         for e in self.loaded():
-            sched = getattr(e.model, "_scheduler", None)
+            activity = e.model.activity()  # (running, queued) when a scheduler serves it
+            running, queued = activity or (min(e.active, 1), max(e.active - 1, 0))
             models.append(
                 {
                     "name": e.name,
                     "parallel": int(getattr(e.model, "n_seq", 1)),
                     "requests": e.active,
-                    "running": sched.active if sched is not None else min(e.active, 1),
-                    "queued": sched.queued if sched is not None else max(e.active - 1, 0),
+                    "running": running,
+                    "queued": queued,
                 }
             )
         return {
