@@ -115,10 +115,14 @@ class KVSequence:
 
     # -- prompts --
 
-    def common_prefix(self, items: Sequence[PromptItem]) -> int:
+    def common_prefix(
+        self, items: Sequence[PromptItem], units: Sequence[Unit] | None = None
+    ) -> int:
         """Cells of ``items`` already held, never ending inside a media item, and leaving at
-        least the last cell to decode (its logits are needed)."""
-        units = prompt_units(items)
+        least the last cell to decode (its logits are needed). ``units``: the prompt's units
+        when the caller has them already."""
+        if units is None:
+            units = prompt_units(items)
         limit = min(len(units), len(self.units))
         k = 0
         while k < limit and units[k] == self.units[k]:

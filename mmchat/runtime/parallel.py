@@ -34,7 +34,7 @@ from mmchat.errors import UserError
 from mmchat.runtime import _llama
 from mmchat.runtime.events import Done, DoneReason, Event, Stats, Token
 from mmchat.runtime.kvseq import Chunk, ContextOverflowError, KVSequence
-from mmchat.runtime.pieces import PromptItem, PromptMedia, count_positions
+from mmchat.runtime.pieces import PromptItem, PromptMedia, count_positions, prompt_units
 from mmchat.runtime.streaming import ReplyText
 
 if TYPE_CHECKING:
@@ -165,7 +165,8 @@ class BatchScheduler:
                 job.chain.close()
                 job.events.put(KeyboardInterrupt())
                 continue
-            slot = max(free, key=lambda i: (self.slots[i].common_prefix(job.items), -i))
+            units = prompt_units(job.items)  # once, for every free slot
+            slot = max(free, key=lambda i: (self.slots[i].common_prefix(job.items, units), -i))
             try:
                 self._start(slot, job)
             except BaseException as exc:
