@@ -20,7 +20,7 @@ from mmchat.errors import CorruptFileError, UserError
 
 from ..checkpoint import Checkpoint, TensorRef, open_checkpoint
 from .base import FamilyPlan, TensorJob, count_layers, expect_shape, job, read_json_opt, require
-from .nvlm import IMAGENET_MEAN, IMAGENET_STD, InternVitVision
+from .nvlm import IMAGENET_MEAN, IMAGENET_STD, InternVitVision, mlp1_jobs
 from .qwen2_text import CHATML_TEMPLATE, load_bpe_vocab, qwen2_text_plan
 
 
@@ -127,35 +127,6 @@ def hf_vision_jobs(
     return hp, jobs
 
 
-def projector_jobs(ckpt: Checkpoint, p: str, width: int, n_embd: int) -> list[TensorJob]:
-    ln = require(ckpt, p + "layer_norm.weight", "projector LayerNorm")
-    expect_shape(ln, (width,), "projector LayerNorm (4 x the vision width)")
-    up = require(ckpt, p + "linear_1.weight", "projector first linear")
-    down = require(ckpt, p + "linear_2.weight", "projector second linear")
-    if len(up.shape) != 2 or up.shape[1] != width:
-        raise CorruptFileError(f"{up.name} has shape {list(up.shape)}")
-    if tuple(down.shape) != (n_embd, up.shape[0]):
-        raise UserError(
-            f"the projector outputs width {down.shape[0]} but the language model's hidden size "
-            f"is {n_embd}; they do not belong together"
-        )
-    jobs = [
-        job("mm.model.mlp.0.weight", ln),
-        job(
-            "mm.model.mlp.0.bias", require(ckpt, p + "layer_norm.bias", "projector LayerNorm bias")
-        ),
-        job("mm.model.mlp.1.weight", up),
-        job("mm.model.mlp.3.weight", down),
-    ]
-    for src, dst in (
-        ("linear_1.bias", "mm.model.mlp.1.bias"),
-        ("linear_2.bias", "mm.model.mlp.3.bias"),
-    ):
-        if p + src in ckpt:
-            jobs.append(job(dst, ckpt[p + src]))
-    return jobs
-
-
 class InternVLHF:
     """transformers' ``InternVLForConditionalGeneration`` with a Qwen2 language model."""
 
@@ -211,7 +182,13 @@ class InternVLHF:
             tcfg["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
         text_hp, text_jobs = qwen2_text_plan(ckpt, tcfg, prefix=tp, lm_head=head)
         vhp, vis_jobs = hf_vision_jobs(ckpt, vcfg, vp)
-        mm_jobs = projector_jobs(ckpt, mp, vhp["n_embd"] * 4, text_hp.n_embd)
+        mm_jobs = mlp1_jobs(
+            ckpt,
+            vhp["n_embd"] * 4,
+            text_hp.n_embd,
+            names=(mp + "layer_norm", mp + "linear_1", mp + "linear_2"),
+            label="the projector",
+        )
         proc: dict[str, Any] = {}
         for name in ("preprocessor_config.json", "processor_config.json"):
             data = read_json_opt(folder / name)

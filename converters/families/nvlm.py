@@ -237,29 +237,38 @@ def internvit_jobs(
     return hp, jobs
 
 
-def mlp1_jobs(ckpt: Checkpoint, width: int, n_embd: int) -> list[TensorJob]:
+def mlp1_jobs(
+    ckpt: Checkpoint,
+    width: int,
+    n_embd: int,
+    *,
+    names: tuple[str, str, str] = ("mlp1.0", "mlp1.1", "mlp1.3"),
+    label: str = "mlp1",
+) -> list[TensorJob]:
     """``mlp1`` = Sequential(LayerNorm, Linear, GELU, Linear) -> ``mm.model.mlp.{0,1,3}``
-    (mtmd's names; NVLM-D: no biases on the linears)."""
-    ln_w = require(ckpt, "mlp1.0.weight", "projector LayerNorm")
+    (mtmd's names; NVLM-D: no biases on the linears). ``names``: the checkpoint's prefixes of
+    the LayerNorm and the two linears (transformers' InternVL calls them otherwise)."""
+    norm, first, second = names
+    ln_w = require(ckpt, norm + ".weight", "projector LayerNorm")
     expect_shape(ln_w, (width,), "projector LayerNorm (4 x the vision width)")
-    up = require(ckpt, "mlp1.1.weight", "projector first linear")
-    down = require(ckpt, "mlp1.3.weight", "projector second linear")
+    up = require(ckpt, first + ".weight", "projector first linear")
+    down = require(ckpt, second + ".weight", "projector second linear")
     if len(up.shape) != 2 or up.shape[1] != width:
-        raise CorruptFileError(f"mlp1.1.weight has shape {list(up.shape)}")
+        raise CorruptFileError(f"{first}.weight has shape {list(up.shape)}")
     if tuple(down.shape) != (n_embd, up.shape[0]):
         raise UserError(
-            f"mlp1 outputs width {down.shape[0]} but the language model's hidden size is "
+            f"{label} outputs width {down.shape[0]} but the language model's hidden size is "
             f"{n_embd}; they do not belong together"
         )
     jobs = [
         job("mm.model.mlp.0.weight", ln_w),
-        job("mm.model.mlp.0.bias", require(ckpt, "mlp1.0.bias", "projector LayerNorm bias")),
+        job("mm.model.mlp.0.bias", require(ckpt, norm + ".bias", "projector LayerNorm bias")),
         job("mm.model.mlp.1.weight", up),
         job("mm.model.mlp.3.weight", down),
     ]
     for src, dst in (
-        ("mlp1.1.bias", "mm.model.mlp.1.bias"),
-        ("mlp1.3.bias", "mm.model.mlp.3.bias"),
+        (first + ".bias", "mm.model.mlp.1.bias"),
+        (second + ".bias", "mm.model.mlp.3.bias"),
     ):
         if src in ckpt:
             jobs.append(job(dst, ckpt[src]))
