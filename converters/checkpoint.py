@@ -195,7 +195,7 @@ class _TorchFile:
         t = self._sd[ref.name]
         if t.dtype in (self._torch.float16, self._torch.bfloat16, self._torch.float64):
             t = t.to(self._torch.float32)
-        return np.ascontiguousarray(t.numpy())
+        return np.ascontiguousarray(t.detach().numpy())  # a saved parameter may need grad
 
 
 class Checkpoint:
