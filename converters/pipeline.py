@@ -15,7 +15,7 @@ import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -314,8 +314,13 @@ def convert(
     vision_tower: Path | None = None,
     progress: bool | ProgressFn = False,
     threads: int | None = None,
+    files: Mapping[str, Path] | None = None,
 ) -> ConversionResult:
     """Convert a supported checkpoint (folder or Hugging Face repo id) to two GGUF files.
+
+    ``files``: for an original release without config.json (LAVIS, MiniGPT-4, MiniGPT-v2),
+    the published parts that are not in the folder: ``eva`` (eva_vit_g.pth), ``qformer``
+    (blip2_pretrained_flant5xxl.pth), ``llm`` (the language model folder).
 
     Returns the paths, the chosen name and a summary. Raises :class:`UserError` for
     anything the user can fix; never leaves a file under a final name after a failure.
@@ -335,7 +340,13 @@ def convert(
             config = read_json(cfg_path)
             family = detect_family(config)
         else:
-            family = detect_folder_family(folder)
+            family = detect_folder_family(folder, files)
+    if files and (config or nemo is not None):  # an original release checks its own parts
+        flags = ", ".join(f"--{k}" for k in files)
+        raise UserError(
+            f"{flags}: only for original LAVIS / MiniGPT-4 releases (a folder without "
+            "config.json), not for this checkpoint"
+        )
     plan = family.plan(folder, config, vision_tower=vision_tower)
     vocab = plan.vocab or load_vocab(
         plan.tokenizer_dir,

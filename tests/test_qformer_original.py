@@ -6,7 +6,10 @@ tests/fixtures/make_qformer_original_fixtures.py."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -76,9 +79,19 @@ def test_rows_and_logits_match_the_reference(
         lm.close()
 
 
-def test_minigptv2_rows_and_logits(tmp_path: Path) -> None:
+# (fixture folder, goldens stem, image size after conversion, rows for any image)
+CONCAT_VARIANTS = {
+    "minigptv2": ("goldens_v2", 112, 16),
+    "minigpt4_llama2": ("goldens_llama2", 56, 4),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(CONCAT_VARIANTS))
+def test_eva_concat_rows_and_logits(tmp_path: Path, variant: str) -> None:
     """MiniGPT-v2: EVA at twice its size (positions interpolated at convert time), 4 rows
-    concatenated, llama_proj; the q/v LoRA merged into the text GGUF; [INST] prompt."""
+    concatenated, llama_proj; the q/v LoRA merged into the text GGUF; [INST] prompt.
+    MiniGPT-4 on Llama 2: the same at EVA's own size, no LoRA, a fresh ln_vision, the
+    system text then ``<s>[INST] … [/INST] ``."""
     from mmchat.converters import convert
 
     from mmchat.gguf_meta import read_gguf
@@ -86,28 +99,53 @@ def test_minigptv2_rows_and_logits(tmp_path: Path) -> None:
     from mmchat.vision import open_vision
     from mmchat.vision.qformer import QformerEngine
 
-    meta = json.loads((ROOT / "goldens_v2.json").read_text())
-    g = np.load(ROOT / "goldens_v2.npz")
-    r = convert(ROOT / "minigptv2", outdir=tmp_path, quant="f32", vision_quant="f32")
+    stem, size, n_rows = CONCAT_VARIANTS[variant]
+    meta = json.loads((ROOT / f"{stem}.json").read_text())
+    g = np.load(ROOT / f"{stem}.npz")
+    r = convert(ROOT / variant, outdir=tmp_path, quant="f32", vision_quant="f32")
     v = read_gguf(r.mmproj_path)
-    assert v.get("clip.projector_type") == "eva_concat" and v.get("clip.vision.image_size") == 112
+    assert v.get("clip.projector_type") == "eva_concat" and v.get("clip.vision.image_size") == size
     lm = load_model(r.model_path, None, LoadOptions.parity(n_threads=2))
     try:
         eng = open_vision(r.mmproj_path, text_n_embd=64, n_threads=2, device="cpu")
         assert isinstance(eng, QformerEngine) and not eng.reads_instruction
         with eng:
-            assert eng.tokens_for(load_image(IMAGES / "pixel.png")) == 16
-            print("\nminigptv2 f32: rows / final logits, rel L2 vs the reference")
+            assert eng.tokens_for(load_image(IMAGES / "pixel.png")) == n_rows
+            print(f"\n{variant} f32: rows / final logits, rel L2 vs the reference")
             for name in meta["images"]:
                 emb = eng.encode(load_image(IMAGES / f"{name}.png"))
                 ev = lm.evaluate([{"role": "user", "content": QUESTION, "images": [emb]}])
-                rows = rel_l2(emb.embeddings, g[f"minigptv2/{name}/rows"])
-                logits = rel_l2(ev.logits, g[f"minigptv2/{name}/logits"])
+                rows = rel_l2(emb.embeddings, g[f"{variant}/{name}/rows"])
+                logits = rel_l2(ev.logits, g[f"{variant}/{name}/logits"])
                 print(f"  {name:9s} rows {rows:.2e}  logits {logits:.2e}")
                 assert rows <= 2e-3 and logits <= 2e-3
                 assert ev.token_ids == meta["ids_before"] + meta["ids_after"]
     finally:
         lm.close()
+
+
+@pytest.mark.parametrize("variant", sorted(CONCAT_VARIANTS))
+def test_eva_concat_mmchat_run(tmp_path: Path, variant: str) -> None:
+    """`mmchat run <text.gguf> --mmproj <vision.gguf> "… ./photo.png"` answers with the
+    in-process greedy reply."""
+    from mmchat.converters import convert
+
+    from mmchat.runtime import LoadOptions, SamplingParams, load_model
+
+    r = convert(ROOT / variant, outdir=tmp_path / "out", quant="f32", vision_quant="f32")
+    shutil.copy(IMAGES / "portrait.png", tmp_path / "photo.png")
+    run = _mmchat(
+        tmp_path / "home",
+        tmp_path,
+        *("run", str(r.model_path), "--mmproj", str(r.mmproj_path), "--max-tokens", "6"),
+        *("--temperature", "0", "Describe it. ./photo.png"),
+    )
+    assert run.returncode == 0, run.stderr
+    assert "Added image './photo.png'" in run.stderr
+    with load_model(r.model_path, r.mmproj_path, LoadOptions(n_threads=2)) as lm:
+        chat = lm.session(params=SamplingParams(temperature=0, max_tokens=6, seed=1))
+        reply = chat.ask("Describe it.", [load_image(tmp_path / "photo.png")])
+    assert run.stdout.strip() == reply.text.strip() != ""
 
 
 def test_minigptv2_without_lora_is_refused(tmp_path: Path) -> None:
@@ -161,3 +199,73 @@ def test_lavis_opt_checkpoint_is_refused(tmp_path: Path) -> None:
     model["opt_proj.bias"] = model.pop("llm_proj.bias")
     torch.save(sd, path)
     _fails(src, tmp_path / "out", r"OPT.*vLLM or transformers")
+
+
+def _mmchat(home: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mmchat", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "MMCHAT_HOME": str(home)},
+    )
+
+
+def test_parts_elsewhere_convert_with_flags_then_run(tmp_path: Path) -> None:
+    """MiniGPT-4 (Vicuna) with eva_vit_g.pth, the BLIP-2 Q-Former and the LLM in other
+    places: `mmchat convert --eva --qformer --llm`, then `mmchat run` by name with an image;
+    the reply is the in-process greedy one of the files converted from one folder."""
+    src = shutil.copytree(ROOT / "minigpt4", tmp_path / "m")
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    for name in ("eva_vit_g.pth", "blip2_pretrained_flant5xxl.pth", "vicuna"):
+        shutil.move(src / name, other / name)
+    home = tmp_path / "home"
+    _fails(src, tmp_path / "o0", r"has no blip2_pretrained_flant5xxl\.pth \(or give .* --qformer\)")
+    r = _mmchat(
+        home,
+        tmp_path,
+        *("convert", str(src), "--name", "mg4", "--quant", "f32", "--vision-quant", "f32"),
+        *("--outdir", str(tmp_path / "out"), "--eva", str(other / "eva_vit_g.pth")),
+        *("--qformer", str(other / "blip2_pretrained_flant5xxl.pth")),
+        *("--llm", str(other / "vicuna")),
+    )
+    assert r.returncode == 0, r.stderr
+    shutil.copy(IMAGES / "landscape.png", tmp_path / "photo.png")
+    question = "What is in this image? ./photo.png"
+    r = _mmchat(home, tmp_path, "run", "mg4", "--max-tokens", "6", "--temperature", "0", question)
+    assert r.returncode == 0, r.stderr
+    assert "Added image './photo.png'" in r.stderr
+    answer = r.stdout.strip()
+
+    from mmchat.converters import convert
+
+    from mmchat.runtime import LoadOptions, SamplingParams, load_model
+
+    whole = convert(ROOT / "minigpt4", outdir=tmp_path / "whole", quant="f32", vision_quant="f32")
+    with load_model(whole.model_path, whole.mmproj_path, LoadOptions(n_threads=2)) as lm:
+        chat = lm.session(params=SamplingParams(temperature=0, max_tokens=6, seed=1))
+        reply = chat.ask("What is in this image?", [load_image(tmp_path / "photo.png")])
+    assert answer == reply.text.strip()
+
+
+def test_flags_a_family_does_not_read_are_refused(tmp_path: Path) -> None:
+    from mmchat.converters import convert
+
+    with pytest.raises(UserError, match="--qformer does not apply to MiniGPT-v2"):
+        convert(
+            ROOT / "minigptv2",
+            outdir=tmp_path / "a",
+            quant="f32",
+            files={"qformer": ROOT / "minigpt4" / "blip2_pretrained_flant5xxl.pth"},
+        )
+    with pytest.raises(UserError, match="only for original LAVIS / MiniGPT-4 releases"):
+        convert(
+            Path(__file__).parent / "fixtures" / "qformer" / "blip2_llama",
+            outdir=tmp_path / "b",
+            quant="f32",
+            files={"llm": ROOT / "minigpt4" / "vicuna"},
+        )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from .llava_hf import LlavaHF
 from .llava_next import FAMILIES as LLAVA_NEXT
 from .llava_original import LlavaLlama, LlavaMistral
 from .nvlm import FAMILIES as NVLM
+from .original_files import OriginalFiles
 from .qformer import FAMILIES as QFORMER
 from .qformer_original import FOLDER_FAMILIES
 
@@ -35,11 +37,13 @@ def supported_architectures() -> list[str]:
     return [a for fam in FAMILIES for a in fam.architectures]
 
 
-def detect_folder_family(folder: Path) -> Family:
-    """A family whose original release has no config.json (LAVIS, MiniGPT-4), by its files."""
+def detect_folder_family(folder: Path, overrides: Mapping[str, Path] | None = None) -> Family:
+    """A family whose original release has no config.json (LAVIS, MiniGPT-4), by its files;
+    ``overrides``: parts that are elsewhere (``OriginalFiles``)."""
+    files = OriginalFiles(folder, dict(overrides or {}))
     for fam in FOLDER_FAMILIES:
-        if fam.detect_folder(folder):
-            return fam()
+        if fam.detect_folder(files):
+            return fam(files)
     raise UserError(
         f"{folder} has no config.json; it is not a Hugging Face checkpoint (nor a LAVIS / "
         "MiniGPT-4 folder with eva_vit_g.pth)"

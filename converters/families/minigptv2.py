@@ -1,7 +1,9 @@
-"""MiniGPT-v2 as Vision-CAIR publishes it: ``eva_vit_g.pth`` (the EVA ViT-g LAVIS
-downloads), ``minigptv2_checkpoint.pth`` (``{"model": {llama_proj.*, the LoRA of the LLM's
-q_proj/v_proj: llama_model.base_model.model.model.layers.N.self_attn.{q,v}_proj.lora_{A,B}
-.weight, optionally ln_vision.*}}``) and the Llama-2-chat LLM as a Hugging Face folder (the
+"""MiniGPT-v2 and MiniGPT-4 (Llama 2) as Vision-CAIR publishes them.
+
+MiniGPT-v2: ``eva_vit_g.pth`` (the EVA ViT-g LAVIS downloads), ``minigptv2_checkpoint.pth``
+(``{"model": {llama_proj.*, the LoRA of the LLM's q_proj/v_proj:
+llama_model.base_model.model.model.layers.N.self_attn.{q,v}_proj.lora_{A,B}.weight, optionally
+ln_vision.*}}``) and the Llama-2-chat LLM as a Hugging Face folder (the
 one sub-folder with a Llama ``config.json``), all in one folder.
 
 No Q-Former: ``encode_img`` runs EVA at 448 px (its 16x16 learned positions bicubic-
@@ -14,6 +16,13 @@ LoRA (r from the shapes, alpha 16 as MiniGPT-v2's config) is merged into the tex
 0 in MiniGPT-v2 when the checkpoint does not carry it. The prompt as its demo builds it
 (CONV_VISION_minigptv2): ``<s>[INST] <Img><rows></Img> {q} [/INST]`` after the tokenizer's
 own BOS (so two BOS tokens, as the original tokenizes the first segment with special tokens).
+
+MiniGPT-4 on Llama 2 (``has_qformer: False`` in ``minigpt4_llama2.yaml``) is the same vision
+path at EVA's own 224 px (positions as trained) without a LoRA: ``eva_vit_g.pth``,
+``pretrained_minigpt4_llama2_7b.pth`` (``{"model": {llama_proj.*}}``; ``ln_vision`` a fresh
+frozen LayerNorm) and the Llama-2-chat folder. Its prompt is ``CONV_VISION_LLama2``:
+``{system}<s>[INST] <Img><rows></Img> {q} [/INST] `` after the tokenizer's BOS, answers
+appended as they are (its separator is empty).
 """
 
 from __future__ import annotations
@@ -31,12 +40,11 @@ from mmchat.errors import CorruptFileError, UserError
 from ..checkpoint import TensorRef, open_checkpoint
 from .base import FamilyPlan, TensorJob, image_norm_from, job, read_json
 from .llama_text import llama_text_plan
-from .original_files import EVA_FILE, EVA_HEAD_DIM, eva_names, llm_folder, torch_refs
+from .original_files import EVA_FILE, EVA_HEAD_DIM, OriginalFiles, eva_names, torch_refs
 
 PROJECTOR = "eva_concat"
 CONCAT_ROWS = 4
 LORA_ALPHA = 16.0  # MiniGPT-v2's lora_alpha (not stored in the checkpoint)
-RES_FACTOR = 2  # MiniGPT-v2 runs EVA at twice its pre-training resolution (224 -> 448)
 LN_VISION_EPS = 1e-5
 
 _PARTS = (
@@ -59,6 +67,30 @@ MINIGPTV2_TEMPLATE = (
     "{%- endfor -%}"
 )
 
+MINIGPT4_SYSTEM = (
+    "Give the following image: <Img>ImageContent</Img>. You will be able to see the image "
+    "once I provide it to you. Please answer my questions."
+)
+_SYSTEM = (
+    "{%- set ns = namespace(system='" + MINIGPT4_SYSTEM + "') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- if message['content'] is string -%}{%- set ns.system = message['content'] -%}"
+    "{%- else -%}{%- set ns.system = message['content'] | selectattr('type', 'equalto', "
+    "'text') | map(attribute='text') | join(' ') -%}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+# CONV_VISION_LLama2: roles "<s>[INST] " / " [/INST] ", separator "", the system text first
+MINIGPT4_LLAMA2_TEMPLATE = (
+    _SYSTEM + "{{- bos_token + ns.system -}}"
+    "{%- for message in messages -%}" + _PARTS + "{%- if message['role'] == 'user' -%}"
+    "{{- '<s>[INST] ' + ('<Img><image></Img> ' * n_images) + text + ' [/INST] ' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- text -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
 
 @dataclass
 class EvaConcatVision:
@@ -73,6 +105,7 @@ class EvaConcatVision:
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
     projection_dim: int
+    family: str = "minigptv2"
     projector_type: str = PROJECTOR
 
     @property
@@ -99,7 +132,7 @@ class EvaConcatVision:
             ("clip.vision.image_mean", [float(x) for x in self.image_mean]),
             ("clip.vision.image_std", [float(x) for x in self.image_std]),
             ("clip.vision.projection_dim", self.projection_dim),
-            ("mmchat.vision.family", "minigptv2"),
+            ("mmchat.vision.family", self.family),
             ("mmchat.vision.resize", "bicubic"),
             ("mmchat.vision.concat_rows", CONCAT_ROWS),
         ]
@@ -144,7 +177,11 @@ def _rows(part: int, width: int) -> Any:
     return cut
 
 
-def _eva_jobs(refs: dict[str, TensorRef]) -> tuple[dict[str, Any], list[TensorJob]]:
+def _eva_jobs(
+    refs: dict[str, TensorRef], res_factor: int
+) -> tuple[dict[str, Any], list[TensorJob]]:
+    """EVA ViT-g's tensors at ``res_factor`` times its trained resolution (positions
+    interpolated when > 1) and its hyper-parameters."""
     view = {n: r for k, r in refs.items() if (n := eva_names(k)) is not None}
     p = "vision_model."
     need = ("embeddings.class_embedding", "embeddings.patch_embedding.weight")
@@ -176,7 +213,9 @@ def _eva_jobs(refs: dict[str, TensorRef]) -> tuple[dict[str, Any], list[TensorJo
             (width,),
         ),
         job("v.patch_embd.weight", pe),
-        _interpolated_positions(pos, grid, grid * RES_FACTOR, width),
+        _interpolated_positions(pos, grid, grid * res_factor, width)
+        if res_factor > 1
+        else job("v.position_embd.weight", pos, lambda a: a.reshape(n_pos, width), (n_pos, width)),
     ]
     if p + "embeddings.patch_embedding.bias" in view:
         jobs.append(job("v.patch_embd.bias", view[p + "embeddings.patch_embedding.bias"]))
@@ -207,7 +246,7 @@ def _eva_jobs(refs: dict[str, TensorRef]) -> tuple[dict[str, Any], list[TensorJo
             jobs.append(job(f"{t}{gg}.bias", g(hf + ".bias")))
         n_ff = int(g("mlp.fc1.weight").shape[0])
     hp = {
-        "image_size": grid * RES_FACTOR * patch,
+        "image_size": grid * res_factor * patch,
         "patch_size": patch,
         "n_embd": width,
         "n_ff": n_ff,
@@ -227,29 +266,40 @@ def _merge_lora(base: TensorJob, a: TensorRef, b: TensorRef, scale: float) -> Te
 
 
 class MiniGptV2:
+    """MiniGPT-v2; ``MiniGpt4Llama2`` changes the class facts below."""
+
     name: ClassVar[str] = "minigptv2"
     architectures: ClassVar[tuple[str, ...]] = ("MiniGPTv2",)
+    checkpoint_glob: ClassVar[str] = "minigptv2*.pth"
+    res_factor: ClassVar[int] = 2  # EVA at twice its pre-training resolution (224 -> 448)
+    lora: ClassVar[bool] = True
+    template: ClassVar[str] = MINIGPTV2_TEMPLATE
+    title: ClassVar[str] = "MiniGPT-v2"
+
+    def __init__(self, files: OriginalFiles) -> None:
+        self.files = files
 
     @classmethod
     def detect(cls, config: dict[str, Any]) -> bool:
         return False  # no config.json: see detect_folder
 
     @classmethod
-    def detect_folder(cls, folder: Path) -> bool:
-        return (folder / EVA_FILE).is_file() and any(folder.glob("minigptv2*.pth"))
+    def detect_folder(cls, files: OriginalFiles) -> bool:
+        return any(files.folder.glob(cls.checkpoint_glob))
 
     def plan(
         self, folder: Path, config: dict[str, Any], *, vision_tower: Path | None
     ) -> FamilyPlan:
         if vision_tower is not None:
-            raise UserError("--vision-tower does not apply to MiniGPT-v2")
-        ckpt_path = sorted(folder.glob("minigptv2*.pth"))[0]
+            raise UserError(f"--vision-tower does not apply to {self.title}")
+        self.files.refuse_unused(("eva", "llm"), self.title)
+        ckpt_path = sorted(folder.glob(self.checkpoint_glob))[0]
         refs = torch_refs(ckpt_path)
         if "llama_proj.weight" not in refs:
             raise UserError(
-                f"{ckpt_path.name} has no llama_proj: it is not a MiniGPT-v2 checkpoint"
+                f"{ckpt_path.name} has no llama_proj: it is not a {self.title} checkpoint"
             )
-        vhp, vis_jobs = _eva_jobs(torch_refs(folder / EVA_FILE))
+        vhp, vis_jobs = _eva_jobs(self.files.refs(EVA_FILE), self.res_factor)
         width = vhp["n_embd"]
         for kind, value in (("weight", 1.0), ("bias", 0.0)):
             key = f"ln_vision.{kind}"
@@ -269,7 +319,7 @@ class MiniGptV2:
         if "llama_proj.bias" in refs:
             vis_jobs.append(job("mm.proj.bias", refs["llama_proj.bias"]))
 
-        llm = llm_folder(folder)
+        llm = self.files.llm()
         tcfg = read_json(llm / "config.json")
         text_hp, text_jobs = llama_text_plan(
             open_checkpoint(llm),
@@ -285,11 +335,17 @@ class MiniGptV2:
                 f"llama_proj outputs width {proj.shape[0]} but the language model is "
                 f"{text_hp.n_embd} wide; they do not belong together"
             )
-        text_jobs = self._with_lora(text_jobs, refs, text_hp.n_head, text_hp.n_head_kv)
+        if self.lora:
+            text_jobs = self._with_lora(text_jobs, refs, text_hp.n_head, text_hp.n_head_kv)
+        elif any(".lora_A." in k for k in refs):
+            raise UserError(
+                f"{ckpt_path.name} holds a LoRA of the language model, which {self.title} "
+                f"does not have: it is not a {self.title} checkpoint"
+            )
         notes: list[str] = []
         if "ln_vision.weight" not in refs:
             notes.append(
-                "ln_vision not in the checkpoint: MiniGPT-v2's frozen fresh LayerNorm (1, 0)"
+                f"ln_vision not in the checkpoint: {self.title}'s frozen fresh LayerNorm (1, 0)"
             )
         mean, std = image_norm_from([folder, llm], notes)
         notes = [n for n in notes if "image processor config" not in n]
@@ -299,11 +355,15 @@ class MiniGptV2:
             text=text_hp,
             text_tensors=text_jobs,
             vision=EvaConcatVision(
-                image_mean=mean, image_std=std, projection_dim=text_hp.n_embd, **vhp
+                image_mean=mean,
+                image_std=std,
+                projection_dim=text_hp.n_embd,
+                family=self.name,
+                **vhp,
             ),
             vision_tensors=vis_jobs,
             tokenizer_dir=llm,
-            default_template=MINIGPTV2_TEMPLATE,
+            default_template=self.template,
             config_ids={
                 "bos_token_id": tcfg.get("bos_token_id"),
                 "eos_token_id": tcfg.get("eos_token_id"),
@@ -361,3 +421,15 @@ class _PermutedRef(TensorRef):
         from .llama_text import _permute_rope
 
         return _permute_rope(super().load(), self._n_head)
+
+
+class MiniGpt4Llama2(MiniGptV2):
+    """MiniGPT-4 on Llama 2: no Q-Former, EVA at 224 px, no LoRA (module docstring)."""
+
+    name: ClassVar[str] = "minigpt4-llama2"
+    architectures: ClassVar[tuple[str, ...]] = ("MiniGPT4Llama2",)
+    checkpoint_glob: ClassVar[str] = "pretrained_minigpt4_llama2*.pth"
+    res_factor: ClassVar[int] = 1
+    lora: ClassVar[bool] = False
+    template: ClassVar[str] = MINIGPT4_LLAMA2_TEMPLATE
+    title: ClassVar[str] = "MiniGPT-4 (Llama 2)"

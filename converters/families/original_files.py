@@ -5,6 +5,8 @@ LAVIS / MiniGPT-4 (``qformer_original``) and MiniGPT-v2 (``minigptv2``) families
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmchat.errors import UserError
@@ -53,6 +55,61 @@ def torch_refs(path: Path) -> dict[str, TensorRef]:
     return _TorchFile(path).refs
 
 
+QFORMER_FILE = "blip2_pretrained_flant5xxl.pth"
+
+OVERRIDES = {"eva": EVA_FILE, "qformer": QFORMER_FILE, "llm": "the language model folder"}
+"""``mmchat convert --eva/--qformer/--llm``: a published part that is not in the folder."""
+
+
+@dataclass
+class OriginalFiles:
+    """Where an original release's parts are: in ``folder`` under their published names,
+    except those the user points at elsewhere (``overrides``: ``eva``, ``qformer``, ``llm``)."""
+
+    folder: Path
+    overrides: Mapping[str, Path] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key, path in self.overrides.items():
+            if key not in OVERRIDES:
+                raise UserError(f"unknown part {key!r}: one of {', '.join(OVERRIDES)}")
+            want_dir = key == "llm"
+            if not (path.is_dir() if want_dir else path.is_file()):
+                kind = "folder" if want_dir else "file"
+                raise UserError(f"--{key} {path}: no such {kind}")
+
+    def path(self, published: str) -> Path:
+        """The file published as ``published`` (EVA_FILE, QFORMER_FILE or the model's own)."""
+        for key, name in OVERRIDES.items():
+            if name == published and key in self.overrides:
+                return self.overrides[key]
+        return self.folder / published
+
+    def has(self, published: str) -> bool:
+        return self.path(published).is_file()
+
+    def refs(self, published: str) -> dict[str, TensorRef]:
+        """The tensors of a published ``.pth`` (read with ``weights_only=True``)."""
+        path = self.path(published)
+        if not path.is_file():
+            flag = next(
+                (f" (or give its path with --{k})" for k, n in OVERRIDES.items() if n == published),
+                "",
+            )
+            raise UserError(f"{self.folder} has no {published}{flag}")
+        return torch_refs(path)
+
+    def llm(self) -> Path:
+        return self.overrides.get("llm") or llm_folder(self.folder)
+
+    def refuse_unused(self, used: Iterable[str], title: str) -> None:
+        """One clear error for a flag the family has no part for."""
+        extra = sorted(set(self.overrides) - set(used))
+        if extra:
+            flags = ", ".join(f"--{k}" for k in extra)
+            raise UserError(f"{flags} does not apply to {title}")
+
+
 def llm_folder(folder: Path) -> Path:
     found = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
@@ -63,6 +120,6 @@ def llm_folder(folder: Path) -> Path:
         what = "none" if not found else ", ".join(p.name for p in found)
         raise UserError(
             f"{folder} must hold exactly one language model folder (a Hugging Face Llama/Vicuna "
-            f"folder with config.json); found {what}"
+            f"folder with config.json), or name it with --llm; found {what}"
         )
     return found[0]

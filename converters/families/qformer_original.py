@@ -30,19 +30,22 @@ from mmchat.vision.wordpiece import read_wordpiece_folder
 from ..checkpoint import Checkpoint, TensorRef, open_checkpoint
 from .base import FamilyPlan, read_json, require
 from .llama_text import llama_text_plan
-from .minigptv2 import MiniGptV2
-from .original_files import EVA_FILE, EVA_HEAD_DIM, eva_names, llm_folder, torch_refs
+from .minigptv2 import MINIGPT4_SYSTEM, MiniGpt4Llama2, MiniGptV2
+from .original_files import (
+    EVA_FILE,
+    EVA_HEAD_DIM,
+    QFORMER_FILE,
+    OriginalFiles,
+    eva_names,
+    torch_refs,
+)
 from .qformer import INSTRUCTBLIP_TEMPLATE, qformer_plan
 
 BERT_HEAD_DIM = 64
 LAVIS_LN_VISION_EPS = 1e-5
 MINIGPT4_PROJ = ("pretrained_minigpt4.pth", "prerained_minigpt4_7b.pth")
-MINIGPT4_QFORMER = "blip2_pretrained_flant5xxl.pth"
+MINIGPT4_QFORMER = QFORMER_FILE
 
-MINIGPT4_SYSTEM = (
-    "Give the following image: <Img>ImageContent</Img>. You will be able to see the image "
-    "once I provide it to you. Please answer my questions."
-)
 # MiniGPT-4 v1 (Vicuna v0, CONV_VISION): "{system}###Human: <Img><image></Img> {q}###Assistant:"
 MINIGPT4_TEMPLATE = (
     "{%- set ns = namespace(system='" + MINIGPT4_SYSTEM + "') -%}"
@@ -165,16 +168,20 @@ def _indices(ckpt: Checkpoint, pattern: str) -> set[int]:
 class _Original:
     name: ClassVar[str]
     architectures: ClassVar[tuple[str, ...]]
+    parts: ClassVar[tuple[str, ...]]  # the OriginalFiles overrides it reads
+
+    def __init__(self, files: OriginalFiles) -> None:
+        self.files = files
 
     @classmethod
     def detect(cls, config: dict[str, Any]) -> bool:
         return False  # these folders have no config.json: see detect_folder
 
     @classmethod
-    def detect_folder(cls, folder: Path) -> bool:
+    def detect_folder(cls, files: OriginalFiles) -> bool:
         raise NotImplementedError
 
-    def _model_refs(self, folder: Path) -> tuple[dict[str, TensorRef], Path | None, bool]:
+    def _model_refs(self) -> tuple[dict[str, TensorRef], Path | None, bool]:
         """(original-name refs of everything but EVA, the bert folder, text input)."""
         raise NotImplementedError
 
@@ -183,7 +190,8 @@ class _Original:
     ) -> FamilyPlan:
         if vision_tower is not None:
             raise UserError(f"--vision-tower does not apply to {self.name}")
-        refs, bert, text_input = self._model_refs(folder)
+        self.files.refuse_unused(self.parts, self.name)
+        refs, bert, text_input = self._model_refs()
         queries_only = not text_input
         view: dict[str, TensorRef] = {}
         for name, ref in refs.items():
@@ -191,13 +199,13 @@ class _Original:
             if new is not None:
                 view[new] = ref
         if not any(k.startswith("vision_model.encoder.") for k in view):
-            for name, ref in torch_refs(folder / EVA_FILE).items():
+            for name, ref in self.files.refs(EVA_FILE).items():
                 new = eva_names(name)
                 if new is not None:
                     view[new] = ref
         ckpt = Checkpoint(view, [])
         vcfg, qcfg = _shape_config(ckpt)
-        llm = llm_folder(folder)
+        llm = self.files.llm()
         tcfg = read_json(llm / "config.json")
         text = llama_text_plan(
             open_checkpoint(llm),
@@ -247,7 +255,9 @@ class _Original:
 
 def _lavis_model_file(folder: Path) -> Path | None:
     for path in sorted(folder.glob("*.pth")):
-        if path.name == EVA_FILE or path.name in MINIGPT4_PROJ or path.name == MINIGPT4_QFORMER:
+        if path.name in (EVA_FILE, MINIGPT4_QFORMER, *MINIGPT4_PROJ) or path.match(
+            MiniGpt4Llama2.checkpoint_glob
+        ):
             continue
         return path
     return None
@@ -257,11 +267,14 @@ class LavisInstructBlip(_Original):
     name: ClassVar[str] = "instructblip-lavis"
     architectures: ClassVar[tuple[str, ...]] = ("Blip2VicunaInstruct",)
 
-    @classmethod
-    def detect_folder(cls, folder: Path) -> bool:
-        return (folder / EVA_FILE).is_file() and _lavis_model_file(folder) is not None
+    parts: ClassVar[tuple[str, ...]] = ("eva", "llm")
 
-    def _model_refs(self, folder: Path) -> tuple[dict[str, TensorRef], Path | None, bool]:
+    @classmethod
+    def detect_folder(cls, files: OriginalFiles) -> bool:
+        return files.has(EVA_FILE) and _lavis_model_file(files.folder) is not None
+
+    def _model_refs(self) -> tuple[dict[str, TensorRef], Path | None, bool]:
+        folder = self.files.folder
         path = _lavis_model_file(folder)
         assert path is not None
         refs = torch_refs(path)
@@ -289,13 +302,16 @@ class MiniGpt4(_Original):
     name: ClassVar[str] = "minigpt4"
     architectures: ClassVar[tuple[str, ...]] = ("MiniGPT4",)
 
-    @classmethod
-    def detect_folder(cls, folder: Path) -> bool:
-        return any((folder / n).is_file() for n in MINIGPT4_PROJ)
+    parts: ClassVar[tuple[str, ...]] = ("eva", "qformer", "llm")
 
-    def _model_refs(self, folder: Path) -> tuple[dict[str, TensorRef], Path | None, bool]:
+    @classmethod
+    def detect_folder(cls, files: OriginalFiles) -> bool:
+        return any((files.folder / n).is_file() for n in MINIGPT4_PROJ)
+
+    def _model_refs(self) -> tuple[dict[str, TensorRef], Path | None, bool]:
+        folder = self.files.folder
         proj = next(folder / n for n in MINIGPT4_PROJ if (folder / n).is_file())
-        refs = dict(torch_refs(folder / MINIGPT4_QFORMER))
+        refs = dict(self.files.refs(MINIGPT4_QFORMER))
         extra = torch_refs(proj)
         if "llama_proj.weight" not in extra:
             raise UserError(f"{proj.name} has no llama_proj: it is not a MiniGPT-4 checkpoint")
@@ -306,4 +322,4 @@ class MiniGpt4(_Original):
         return MINIGPT4_TEMPLATE
 
 
-FOLDER_FAMILIES = (MiniGptV2, MiniGpt4, LavisInstructBlip)
+FOLDER_FAMILIES = (MiniGptV2, MiniGpt4Llama2, MiniGpt4, LavisInstructBlip)

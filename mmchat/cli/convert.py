@@ -68,6 +68,25 @@ def convert(
         help="Local CLIP tower folder for original LLaVA checkpoints (default: the repo "
         "named by mm_vision_tower).",
     ),
+    eva: Path | None = typer.Option(
+        None,
+        "--eva",
+        help="Original LAVIS / MiniGPT releases: eva_vit_g.pth when it is not in SRC.",
+        dir_okay=False,
+    ),
+    qformer: Path | None = typer.Option(
+        None,
+        "--qformer",
+        help="MiniGPT-4 (Vicuna): blip2_pretrained_flant5xxl.pth when it is not in SRC.",
+        dir_okay=False,
+    ),
+    llm: Path | None = typer.Option(
+        None,
+        "--llm",
+        help="Original LAVIS / MiniGPT releases: the language model folder when it is not "
+        "a sub-folder of SRC.",
+        file_okay=False,
+    ),
     threads: int | None = typer.Option(
         None, "--threads", "-t", min=1, help="Quantization threads (default: all cores)."
     ),
@@ -87,6 +106,7 @@ def convert(
         vision_tower=vision_tower,
         progress=err.is_terminal,
         threads=threads,
+        files={k: v for k, v in (("eva", eva), ("qformer", qformer), ("llm", llm)) if v},
     )
     out.print(result.summary_table())
     for note in result.notes:
