@@ -239,6 +239,8 @@ def _text_kv(
         w.add_bool("mmchat.tokenizer.legacy_spaces", plan.legacy_spaces)
         if plan.space_after_image is not None:
             w.add_bool("mmchat.tokenizer.space_after_image", plan.space_after_image)
+        for key, value in plan.text_kv:
+            _add_value(w, key, value)
 
     return add
 
@@ -252,6 +254,8 @@ def _add_value(w: GGUFWriter, key: str, value: Any) -> None:
         w.add_float32(key, value)
     elif isinstance(value, str):
         w.add_string(key, value)
+    elif isinstance(value, bytes):
+        w.add_array(key, value)  # uint8 array
     elif isinstance(value, (list, tuple)) and value and all(isinstance(x, str) for x in value):
         w.add_array(key, [str(x) for x in value])
     elif isinstance(value, (list, tuple)) and all(isinstance(x, int) for x in value):

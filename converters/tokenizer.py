@@ -157,6 +157,45 @@ def read_sentencepiece(path: Path) -> SentencePieceModel:
     return sp
 
 
+@dataclass
+class SentencePieceNormalizer:
+    """What a SentencePiece model says about its algorithm and text normalisation (what
+    llama.cpp's Unigram ("t5") tokenizer needs besides the pieces)."""
+
+    unigram: bool
+    """TrainerSpec.model_type is UNIGRAM (1; the default); False for BPE (2) and others."""
+    precompiled_charsmap: bytes
+    add_dummy_prefix: bool = True
+    remove_extra_whitespaces: bool = True
+
+
+def read_sentencepiece_normalizer(path: Path) -> SentencePieceNormalizer:
+    """``trainer_spec.model_type`` and ``normalizer_spec`` (precompiled charsmap, dummy
+    prefix, extra-whitespace removal) of a SentencePiece ``ModelProto``."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CorruptFileError(f"Cannot read {path}: {exc.strerror or exc}") from exc
+    out = SentencePieceNormalizer(unigram=True, precompiled_charsmap=b"")
+    try:
+        for num, wt, val in _fields(data):
+            if num == 2 and wt == 2:  # TrainerSpec.model_type (field 3)
+                for n2, w2, v2 in _fields(val):
+                    if n2 == 3 and w2 == 0:
+                        out.unigram = int(v2) == 1
+            elif num == 3 and wt == 2:  # NormalizerSpec
+                for n2, w2, v2 in _fields(val):
+                    if n2 == 2 and w2 == 2:
+                        out.precompiled_charsmap = bytes(v2)
+                    elif n2 == 3 and w2 == 0:
+                        out.add_dummy_prefix = bool(v2)
+                    elif n2 == 4 and w2 == 0:
+                        out.remove_extra_whitespaces = bool(v2)
+    except ValueError as exc:
+        raise CorruptFileError(f"{path} is not a valid SentencePiece model: {exc}") from exc
+    return out
+
+
 def _from_tokenizer_json(path: Path) -> SentencePieceModel:
     try:
         tj = json.loads(path.read_text(encoding="utf-8"))
@@ -252,10 +291,12 @@ def load_vocab(
     files do not name the special tokens).
     """
     spm_path = folder / "tokenizer.model"
+    if not spm_path.is_file() and (folder / "spiece.model").is_file():
+        spm_path = folder / "spiece.model"  # T5's name for it
     tj_path = folder / "tokenizer.json"
     if spm_path.is_file():
         sp = read_sentencepiece(spm_path)
-        source = "tokenizer.model"
+        source = spm_path.name
     elif tj_path.is_file():
         sp = _from_tokenizer_json(tj_path)
         source = "tokenizer.json"

@@ -112,6 +112,10 @@ class FamilyPlan:
     # The text GGUF's vocabulary when the family reads it itself (a byte-level BPE, Qwen2);
     # None: the converter reads the SentencePiece vocabulary from tokenizer_dir.
     vocab: Any = None
+    # Extra text-GGUF metadata of an architecture other than llama's (T5's relative
+    # buckets, decoder start token, Unigram scores and charsmap), written after the common
+    # keys as vision_kv is (bytes -> uint8 array).
+    text_kv: list[tuple[str, Any]] = field(default_factory=list)
 
 
 class Family(Protocol):

@@ -10,8 +10,10 @@ InstructBLIP the Q-Former's WordPiece vocabulary (``qformer_tokenizer/``) as
 rows before BOS, as both models were trained: BLIP-2 ``<rows><s>Question: … Answer:``,
 InstructBLIP ``<rows><s>{instruction}``; the text GGUF asks for no automatic BOS.
 
-OPT (BLIP-2 OPT) has no llama.cpp architecture and Flan-T5 needs an encoder input path the
-runtime does not have yet: both are refused in one line.
+With a Flan-T5 language model the text GGUF is llama.cpp's ``t5`` (t5_text.py: tensors,
+Unigram vocabulary, the templates ending the encoder input with ``</s>``); the runtime feeds
+rows and prompt to its encoder (mmchat/runtime/encdec.py). OPT (BLIP-2 OPT) has no llama.cpp
+architecture: refused in one line.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .base import (
     require,
 )
 from .llama_text import llama_text_plan
+from .t5_text import BLIP2_T5_TEMPLATE, INSTRUCTBLIP_T5_TEMPLATE, t5_text_plan, t5_vocab
 
 PROJECTOR = "qformer"
 # LAVIS' InstructBLIP truncates the Q-Former instruction to its last 128 tokens
@@ -356,6 +359,7 @@ class _QformerFamily:
     model_types: ClassVar[tuple[str, ...]]
     text_input: ClassVar[bool]
     template: ClassVar[str]
+    t5_template: ClassVar[str]
 
     @classmethod
     def detect(cls, config: dict[str, Any]) -> bool:
@@ -376,11 +380,8 @@ class _QformerFamily:
                 f"{self.name} with an OPT language model cannot run on llama.cpp (it has no OPT "
                 "architecture); run it with vLLM or transformers instead"
             )
-        if text_type == "t5" or not config.get("use_decoder_only_language_model", True):
-            raise UserError(
-                f"{self.name} with a Flan-T5 language model is not supported yet (only "
-                "Llama/Vicuna language models are)"
-            )
+        if text_type == "t5":
+            return self._plan_t5(folder, config, tcfg)
         if text_type not in ("llama", "mistral"):
             raise UserError(
                 f"{self.name} with a {text_type!r} language model is not supported (llama is)"
@@ -395,21 +396,12 @@ class _QformerFamily:
             lm_head="language_model.lm_head.weight",
             mistral=text_type == "mistral",
         )
-        tokenizer = None
-        if self.text_input:
-            qdir = folder / "qformer_tokenizer"
-            if not qdir.is_dir():
-                raise UserError(
-                    f"{folder} has no qformer_tokenizer/ folder: InstructBLIP's Q-Former reads "
-                    "the instruction with its own (bert-base-uncased) tokenizer"
-                )
-            tokenizer = read_wordpiece_folder(qdir)
         return qformer_plan(
             ckpt,
             vcfg=dict(config.get("vision_config") or {}),
             qcfg=dict(config.get("qformer_config") or {}),
             text=(text_hp, text_jobs),
-            tokenizer=tokenizer,
+            tokenizer=self._qformer_tokenizer(folder),
             family=self.name,
             architecture=self.architectures[0],
             template=self.template,
@@ -421,6 +413,51 @@ class _QformerFamily:
                 "pad_token_id": tcfg.get("pad_token_id", config.get("pad_token_id")),
             },
         )
+
+    def _qformer_tokenizer(self, folder: Path) -> WordPiece | None:
+        if not self.text_input:
+            return None
+        qdir = folder / "qformer_tokenizer"
+        if not qdir.is_dir():
+            raise UserError(
+                f"{folder} has no qformer_tokenizer/ folder: InstructBLIP's Q-Former reads "
+                "the instruction with its own (bert-base-uncased) tokenizer"
+            )
+        return read_wordpiece_folder(qdir)
+
+    def _plan_t5(self, folder: Path, config: dict[str, Any], tcfg: dict[str, Any]) -> FamilyPlan:
+        """A Flan-T5 language model: llama.cpp's ``t5`` text GGUF (t5_text.py)."""
+        ckpt = open_checkpoint(folder)
+        notes: list[str] = []
+        text_hp, text_jobs, text_kv = t5_text_plan(
+            ckpt, tcfg, prefix="language_model.", notes=notes
+        )
+        config_ids = {
+            "eos_token_id": tcfg.get("eos_token_id"),
+            "pad_token_id": tcfg.get("pad_token_id", config.get("pad_token_id")),
+        }
+        template = self.t5_template
+        vocab, space_prefix, vocab_kv = t5_vocab(
+            folder, vocab_size=text_hp.n_vocab, config_ids=config_ids, template=template
+        )
+        text_hp.add_space_prefix = space_prefix
+        plan = qformer_plan(
+            ckpt,
+            vcfg=dict(config.get("vision_config") or {}),
+            qcfg=dict(config.get("qformer_config") or {}),
+            text=(text_hp, text_jobs),
+            tokenizer=self._qformer_tokenizer(folder),
+            family=self.name,
+            architecture=self.architectures[0],
+            template=template,
+            folders=[folder],
+            tokenizer_dir=folder,
+            config_ids=config_ids,
+        )
+        plan.vocab = vocab
+        plan.text_kv = text_kv + vocab_kv
+        plan.notes = notes + plan.notes
+        return plan
 
 
 def qformer_plan(
@@ -500,6 +537,7 @@ class Blip2(_QformerFamily):
     model_types: ClassVar[tuple[str, ...]] = ("blip-2",)
     text_input: ClassVar[bool] = False
     template: ClassVar[str] = BLIP2_TEMPLATE
+    t5_template: ClassVar[str] = BLIP2_T5_TEMPLATE
 
 
 class InstructBlip(_QformerFamily):
@@ -508,6 +546,7 @@ class InstructBlip(_QformerFamily):
     model_types: ClassVar[tuple[str, ...]] = ("instructblip",)
     text_input: ClassVar[bool] = True
     template: ClassVar[str] = INSTRUCTBLIP_TEMPLATE
+    t5_template: ClassVar[str] = INSTRUCTBLIP_T5_TEMPLATE
 
 
 FAMILIES = (Blip2, InstructBlip)

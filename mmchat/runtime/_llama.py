@@ -166,6 +166,10 @@ class TextModel:
         self.bos = int(C.llama_vocab_bos(self.vocab))
         self.eos = int(C.llama_vocab_eos(self.vocab))
         self.add_bos = bool(C.llama_vocab_get_add_bos(self.vocab))
+        self.has_encoder = bool(C.llama_model_has_encoder(ptr))
+        """An encoder-decoder model (T5): prompts go through ``Context.encode_embeddings``."""
+        self.decoder_start = int(C.llama_model_decoder_start_token(ptr))
+        """The decoder's first token of an encoder-decoder model (-1: none given)."""
         self._piece_cache: dict[int, bytes] = {}
 
     @property
@@ -490,6 +494,25 @@ class Context:
         finally:
             if non_causal:
                 C.llama_set_causal_attn(self.ptr, True)
+
+    def encode_embeddings(self, embd: np.ndarray) -> None:
+        """Run the encoder of an encoder-decoder model (T5) on ``(n, n_embd)`` input rows as
+        one micro-batch (positions 0..n-1, sequence 0); the decoder then attends to its
+        output. ``n`` must not exceed ``n_ubatch``."""
+        n = int(embd.shape[0]) if embd.ndim == 2 else 0
+        if not n or embd.shape[1] != self.model.n_embd_inp:
+            raise ValueError(f"encoder input of shape {embd.shape}")
+        if n > self.n_ubatch:
+            raise UserError(
+                f"the encoder input has {n} rows but the batch holds {self.n_ubatch}: the "
+                "encoder takes the whole prompt at once (load with a larger context)"
+            )
+        clear_recent_errors()
+        batch = _Batch(0, embd=embd)
+        rc = int(C.llama_encode(self.ptr, batch.struct))
+        if rc != 0:
+            why = recent_errors()
+            raise DecodeError(rc, f"llama_encode failed ({rc})" + (f": {why}" if why else ""))
 
     def last_logits(self) -> np.ndarray:
         ptr = C.llama_get_logits_ith(self.ptr, -1)

@@ -13,6 +13,7 @@ from typing import Any
 from mmchat.errors import UserError
 from mmchat.gguf_meta import GGUFInfo, read_gguf
 from mmchat.runtime import _llama
+from mmchat.runtime.encdec import EncoderDecoderBackend, force_single, is_encoder_decoder
 from mmchat.runtime.model import LoadedModel
 from mmchat.runtime.options import DEFAULT_N_CTX, LoadOptions
 from mmchat.runtime.template import select_template
@@ -91,6 +92,8 @@ def load_model(
     info = read_gguf(path, role="model")
     if info.is_mmproj:
         raise UserError(f"{path} is a projector (mmproj) file, not a text model")
+    if is_encoder_decoder(info):  # T5: one sequence, no batch scheduler (encdec.py)
+        opts = force_single(opts)
     n_embd_meta = info.arch_key("embedding_length")
     mm_path: Path | None = None
     mm_info: GGUFInfo | None = None
@@ -175,27 +178,38 @@ def _bool_key(info: GGUFInfo, key: str) -> bool | None:
 
 
 def _open_libllama(path: Path, mm_path: Path | None, opts: LoadOptions) -> tuple[Any, Any, Any]:
-    """libllama's model and context (``n_parallel`` sequences of ``n_ctx`` cells) and the
-    vision engine ``open_vision`` routes the projector to."""
+    """libllama's model and context (``n_parallel`` sequences of ``n_ctx`` cells; for an
+    encoder-decoder model the ``EncoderDecoderBackend`` over one) and the vision engine
+    ``open_vision`` routes the projector to."""
     n_gpu_layers = opts.n_gpu_layers
     if n_gpu_layers is None:
         n_gpu_layers = -1 if _llama.supports_gpu_offload() else 0
     text = _llama.TextModel(
         str(path), n_gpu_layers=n_gpu_layers, verbose=opts.verbose, tensor_split=opts.tensor_split
     )
-    ctx: _llama.Context | None = None
+    ctx: Any = None
     vision: Any = None
     try:
         n_ctx = opts.n_ctx or min(DEFAULT_N_CTX, text.n_ctx_train or DEFAULT_N_CTX)
-        ctx = _llama.Context(
-            text,
-            n_ctx=n_ctx * opts.n_parallel,
-            n_batch=opts.n_batch,
-            n_threads=opts.n_threads,
-            flash_attn=opts.flash_attn,
-            kv_cache_type=opts.kv_cache_type,
-            n_seq_max=opts.n_parallel,
-        )
+        if text.has_encoder:  # an encoder-decoder model (T5)
+            ctx = EncoderDecoderBackend(
+                text,
+                path,
+                n_ctx=n_ctx,
+                n_threads=opts.n_threads,
+                flash_attn=opts.flash_attn,
+                kv_cache_type=opts.kv_cache_type,
+            )
+        else:
+            ctx = _llama.Context(
+                text,
+                n_ctx=n_ctx * opts.n_parallel,
+                n_batch=opts.n_batch,
+                n_threads=opts.n_threads,
+                flash_attn=opts.flash_attn,
+                kv_cache_type=opts.kv_cache_type,
+                n_seq_max=opts.n_parallel,
+            )
         if mm_path is not None:
             from mmchat.vision import open_vision
 
