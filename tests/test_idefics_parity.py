@@ -202,7 +202,7 @@ def test_bad_files_give_one_clear_error(outdir: Path, tmp_path: Path) -> None:
 
     text, mmproj = files(outdir)
     kw: dict[str, Any] = {"n_ctx": 64, "image_token": 513, "eos_token": 2, "n_image_rows": 6}
-    with pytest.raises(CorruptFileError, match="expected 'llama'"):
+    with pytest.raises(CorruptFileError, match="IDEFICS: 'llama'"):
         FlamingoBackend(mmproj, **kw)
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(text.read_bytes()[: text.stat().st_size // 2])

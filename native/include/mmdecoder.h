@@ -3,6 +3,10 @@
  * IDEFICS v1: a Llama decoder with a gated cross-attention block before every
  * cross_layer_interval-th layer, reading per-image feature rows (the Perceiver output of the
  * "idefics" vision family). File layout: docs/idefics-gguf.md.
+ * OpenFlamingo: a GPT-NeoX decoder with open_flamingo's gated blocks (the Perceiver output of
+ * the "openflamingo" vision family). File layout: docs/openflamingo-gguf.md.
+ * The text GGUF's general.architecture picks the decoder ("llama": IDEFICS, "gptneox":
+ * OpenFlamingo); mmd_model_info.architecture names it ("idefics" / "openflamingo").
  *
  * Style as mmvision.h: opaque handles, status codes (mmv_status), the message of the last
  * failure on this thread in mmv_last_error(). This part of the library has its own version
@@ -13,9 +17,11 @@
  *    its position, so tokens may be decoded at any position < n_ctx (normally pos_max + 1);
  *  - mmd_add_image(seq, pos, rows) registers an image whose <image> token sits at `pos`
  *    (call it before decoding that token); its cross-attention keys/values are computed once,
- *    then, per the IDEFICS processor, a token at position p attends only to the image with
- *    the largest position <= p, and to none when there is none or when an end-of-sequence
- *    token (params.eos_token) lies strictly between that image and p. A token attending to
+ *    then (IDEFICS's processor, open_flamingo's only_attend_immediate_media) a token at
+ *    position p attends only to the image with the largest position <= p, and to none when
+ *    there is none or when an end-of-sequence token (params.eos_token; -1 for OpenFlamingo,
+ *    whose <|endofchunk|> does not end an image's reach) lies strictly between that image
+ *    and p. A token attending to
  *    no image gets no cross-attention output; the gated dense part still applies to it;
  *  - mmd_truncate drops positions >= n_keep (tokens, images and end-of-sequence marks).
  */
@@ -39,7 +45,7 @@ typedef struct mmd_model_params {
 } mmd_model_params;
 
 typedef struct mmd_model_info {
-    char    architecture[32];  /* "idefics" */
+    char    architecture[32];  /* "idefics" or "openflamingo" */
     char    device[128];
     int32_t n_vocab;
     int32_t n_embd;

@@ -14,6 +14,7 @@ const FamilyEntry kFamilies[] = {
     {"qformer", make_qformer_family},  // BLIP-2, InstructBLIP (EVA ViT + Q-Former)
     {"eva_concat", make_eva_concat_family},  // MiniGPT-v2 (EVA ViT, 4 rows concatenated)
     {"idefics", make_idefics_family},  // IDEFICS v1 (CLIP ViT + Perceiver resampler)
+    {"openflamingo", make_idefics_family},  // OpenFlamingo (OpenCLIP ViT + Perceiver, no CLS)
     {"internvit", make_internvit_family},  // NVLM-D (InternViT + pixel shuffle + mlp1)
 };
 

@@ -13,6 +13,12 @@
 //   out = LN(latents)
 // All Perceiver LayerNorms use torch's default eps 1e-5. The output rows have the ViT width;
 // the decoder's gated cross-attention projects them (native/src/decoder/).
+//
+// OpenFlamingo (projector type "openflamingo", docs/openflamingo-gguf.md) is the same graph
+// with three differences, read from the projector type: the Perceiver reads the patch rows
+// only (open_clip's `visual(...)[1]`: class token dropped, no ln_post, as the released
+// checkpoints were trained), its MLP uses exact GELU instead of ReLU, the resampler always
+// runs, and its keys live under "openflamingo." instead of "idefics.".
 #include "../family.h"
 #include "../loader.h"
 
@@ -54,7 +60,10 @@ class IdeficsFamily final : public Family {
         const double def_std[3] = {0.26862954, 0.26130258, 0.27577711};
         w.image_norm(hp.image_mean, hp.image_std, def_mean, def_std);
 
-        resampler_ = w.get_bool("idefics.use_resampler", false);
+        of_ = w.get_str("clip.projector_type", "") == "openflamingo";
+        const std::string ns = of_ ? "openflamingo." : "idefics.";
+        auto key = [&](const char * k) { return ns + k; };
+        resampler_ = of_ || w.get_bool("idefics.use_resampler", false);
         const int64_t H = H_, P = hp.patch_size;
         embed_.patch_w = w.declare("v.patch_embd.weight", {P, P, 3, H}, true, Store::F32);
         embed_.patch_b = w.declare("v.patch_embd.bias", {H}, false, Store::F32);
@@ -79,11 +88,11 @@ class IdeficsFamily final : public Family {
             hp.n_tokens = hp.n_patches() + 1;
             return;
         }
-        n_lat_ = w.get_int_in("idefics.perceiver.n_latents", 1, 1 << 16);
-        const int32_t depth = w.get_int_in("idefics.perceiver.block_count", 1, 64);
-        p_head_ = w.get_int_in("idefics.perceiver.head_count", 1, 1024);
-        p_hd_ = w.get_int_in("idefics.perceiver.head_dim", 1, 4096);
-        const bool qk = w.get_bool("idefics.perceiver.qk_norms", false);
+        n_lat_ = w.get_int_in(key("perceiver.n_latents").c_str(), 1, 1 << 16);
+        const int32_t depth = w.get_int_in(key("perceiver.block_count").c_str(), 1, 64);
+        p_head_ = w.get_int_in(key("perceiver.head_count").c_str(), 1, 1024);
+        p_hd_ = w.get_int_in(key("perceiver.head_dim").c_str(), 1, 4096);
+        const bool qk = !of_ && w.get_bool("idefics.perceiver.qk_norms", false);
         const int64_t inner = p_head_ * p_hd_;
         latents_ = w.declare("perc.latents", {H, n_lat_}, true, Store::F32);
         blocks_.resize(static_cast<size_t>(depth));
@@ -119,6 +128,9 @@ class IdeficsFamily final : public Family {
         const Act act = hp.use_gelu ? Act::Gelu : Act::QuickGelu;
         for (const PreLnBlock & L : layers_) x = pre_ln_block(ctx, L, x, n_head_, eps_, act, ar);
         if (!resampler_) return x;
+        if (of_) {  // the patch rows only
+            x = ggml_cont(ctx, ggml_view_3d(ctx, x, H_, x->ne[1] - 1, B, x->nb[1], x->nb[2], x->nb[1]));
+        }
 
         const int64_t NC = x->ne[1], NL = n_lat_, inner = p_head_ * p_hd_;
         ggml_tensor * lat = ggml_repeat_4d(ctx, ggml_reshape_3d(ctx, latents_, H_, NL, 1), H_, NL, B, 1);
@@ -139,7 +151,8 @@ class IdeficsFamily final : public Family {
             ggml_tensor * att = attention(ctx, q, k, v, p_head_, ar);  // [inner, NL, B]
             lat = ggml_add(ctx, lat, ggml_mul_mat(ctx, b.o, att));
             ggml_tensor * f = apply(ctx, b.ffn_norm, lat, kPerceiverEps);
-            f = ggml_mul_mat(ctx, b.down, ggml_relu(ctx, ggml_mul_mat(ctx, b.up, f)));
+            f = ggml_mul_mat(ctx, b.up, f);
+            f = ggml_mul_mat(ctx, b.down, of_ ? gelu(ctx, f, ar.fast_math) : ggml_relu(ctx, f));
             lat = ggml_add(ctx, lat, f);
         }
         (void) NC;
@@ -150,6 +163,7 @@ class IdeficsFamily final : public Family {
     int64_t H_ = 0, F_ = 0, n_head_ = 0;
     float eps_ = 1e-5f;
     bool resampler_ = false;
+    bool of_ = false;  // OpenFlamingo
     int64_t n_lat_ = 0, p_head_ = 0, p_hd_ = 0;
     VitEmbedWeights embed_;
     Norm pre_ln_;

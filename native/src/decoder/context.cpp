@@ -1,0 +1,527 @@
+// The cross-attention decoder's core, shared by every architecture: self-attention KV cache
+// (cell = position, one block of n_ctx cells per sequence), per-image cross-attention K/V
+// (computed once, in slots), the media mask, batched prompt evaluation, last-position logits
+// and the C ABI of mmdecoder.h. The layers themselves are per architecture (decoder.h).
+//
+// Media rule (both architectures): a token at position p sees the image with the largest
+// position <= p (IDEFICS's image_attention_mask, open_flamingo's only_attend_immediate_media
+// cumsum), none before the first image; with params.eos_token >= 0 (IDEFICS) an end-of-
+// sequence token strictly between the image and p ends the image's reach.
+#include "../internal.h"
+#include "../loader.h"
+#include "decoder.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <set>
+#include <thread>
+
+namespace mmd {
+namespace {
+
+struct Batch {
+    int32_t seq = 0, n = 0;
+    const int32_t * tokens = nullptr;
+    const float * embd = nullptr;
+    const int32_t * pos = nullptr;
+    bool logits = false;
+    // derived on the host
+    std::vector<int32_t> img_of;      // per token: index into refs, or -1
+    std::vector<int32_t> refs;        // distinct images (indices into seq.images) the batch sees
+    int32_t n_xrows = 0;              // rows of all refs together
+};
+
+struct Graph {
+    mmv::context_ptr ctx;
+    ggml_cgraph * gf = nullptr;
+    ggml_tensor *inp = nullptr, *pos = nullptr, *kv_idx = nullptr, *mask = nullptr;
+    ggml_tensor *x_rows = nullptr, *x_mask = nullptr, *x_gate = nullptr;
+    ggml_tensor * out = nullptr;
+    int32_t n_kv = 0;
+};
+
+// q [DH, NH, NT], k/v [DH, NKV_H, NK] (views) -> [DH*NH, NT]
+ggml_tensor * attend(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask,
+                     float scale) {
+    const int64_t DH = q->ne[0], NH = q->ne[1], NT = q->ne[2];
+    q = ggml_permute(ctx, q, 0, 2, 1, 3);                       // [DH, NT, NH]
+    k = ggml_permute(ctx, k, 0, 2, 1, 3);                       // [DH, NK, NKV_H]
+    ggml_tensor * vt = ggml_cont(ctx, ggml_permute(ctx, v, 1, 2, 0, 3));  // [NK, DH, NKV_H]
+    ggml_tensor * kq = ggml_mul_mat(ctx, k, q);                 // [NK, NT, NH]
+    kq = ggml_soft_max_ext(ctx, kq, mask, scale, 0.0f);
+    ggml_tensor * kqv = ggml_mul_mat(ctx, vt, kq);              // [DH, NT, NH]
+    kqv = ggml_permute(ctx, kqv, 0, 2, 1, 3);                   // [DH, NH, NT]
+    return ggml_cont_2d(ctx, kqv, DH * NH, NT);
+}
+
+}  // namespace
+
+ggml_tensor * norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b, float eps) {
+    if (b == nullptr) return ggml_mul(ctx, ggml_rms_norm(ctx, x, eps), w);
+    return ggml_add(ctx, ggml_mul(ctx, ggml_norm(ctx, x, eps), w), b);
+}
+
+ggml_tensor * lin(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b) {
+    ggml_tensor * y = ggml_mul_mat(ctx, w, x);
+    return b ? ggml_add(ctx, y, b) : y;
+}
+
+ggml_tensor * self_attention(ggml_context * ctx, mmd_context & c, int32_t il, ggml_tensor * q, ggml_tensor * k,
+                             ggml_tensor * v, const StepInputs & in) {
+    const Hparams & hp = c.model->hp;
+    const int64_t DH = hp.head_dim, NHKV = hp.n_head_kv, EKV = hp.n_embd_kv(), NT = in.n_tokens;
+    ggml_tensor * kc = c.k_cache[static_cast<size_t>(il)];
+    ggml_tensor * vc = c.v_cache[static_cast<size_t>(il)];
+    kc = ggml_set_rows(ctx, kc, ggml_reshape_2d(ctx, k, EKV, NT), in.kv_idx);
+    vc = ggml_set_rows(ctx, vc, v, in.kv_idx);
+    ggml_tensor * kview = ggml_view_3d(ctx, kc, DH, NHKV, in.n_kv, ggml_row_size(kc->type, DH), kc->nb[1],
+                                       static_cast<size_t>(in.cell0) * kc->nb[1]);
+    ggml_tensor * vview = ggml_view_3d(ctx, vc, DH, NHKV, in.n_kv, ggml_row_size(vc->type, DH), vc->nb[1],
+                                       static_cast<size_t>(in.cell0) * vc->nb[1]);
+    return attend(ctx, q, kview, vview, in.mask, 1.0f / std::sqrt(static_cast<float>(DH)));
+}
+
+ggml_tensor * cross_attention(ggml_context * ctx, mmd_context & c, int32_t xb, ggml_tensor * q, const StepInputs & in) {
+    const Hparams & hp = c.model->hp;
+    const int64_t DH = hp.x_head_dim, NH = hp.x_n_head, NT = in.n_tokens;
+    q = ggml_reshape_3d(ctx, q, DH, NH, NT);
+    ggml_tensor * k = ggml_get_rows(ctx, c.xk_cache[static_cast<size_t>(xb)], in.x_rows);
+    ggml_tensor * v = ggml_get_rows(ctx, c.xv_cache[static_cast<size_t>(xb)], in.x_rows);
+    k = ggml_reshape_3d(ctx, k, DH, NH, in.n_xrows);
+    v = ggml_reshape_3d(ctx, v, DH, NH, in.n_xrows);
+    ggml_tensor * a = attend(ctx, q, k, v, in.x_mask, 1.0f / std::sqrt(static_cast<float>(DH)));
+    return ggml_mul(ctx, a, in.x_gate);
+}
+
+namespace {
+
+Graph build(mmd_context & c, const Batch & b, int32_t n_kv) {
+    const mmd_model & m = *c.model;
+    const Hparams & hp = m.hp;
+    ggml_init_params ip{};
+    ip.mem_size = c.graph_meta.size();
+    ip.mem_buffer = c.graph_meta.data();
+    ip.no_alloc = true;
+    Graph g;
+    g.ctx.reset(ggml_init(ip));
+    if (!g.ctx) throw std::bad_alloc();
+    ggml_context * ctx = g.ctx.get();
+    g.gf = ggml_new_graph_custom(ctx, c.graph_size, false);
+    g.n_kv = n_kv;
+    const int64_t NT = b.n, E = hp.n_embd;
+    const int64_t cells = static_cast<int64_t>(c.params.n_ctx);
+    auto input = [&](ggml_tensor * t, const char * name) {
+        ggml_set_name(t, name);
+        ggml_set_input(t);
+        return t;
+    };
+    ggml_tensor * x;
+    if (b.tokens) {
+        g.inp = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I32, NT), "tokens");
+        x = ggml_get_rows(ctx, m.tok_embd, g.inp);
+    } else {
+        g.inp = input(ggml_new_tensor_2d(ctx, GGML_TYPE_F32, E, NT), "embd");
+        x = g.inp;
+    }
+    g.pos = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I32, NT), "pos");
+    g.kv_idx = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I64, NT), "kv_idx");
+    g.mask = input(ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, NT), "kq_mask");
+    if (b.n_xrows > 0) {
+        g.x_rows = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I32, b.n_xrows), "x_rows");
+        g.x_mask = input(ggml_new_tensor_2d(ctx, GGML_TYPE_F32, b.n_xrows, NT), "x_mask");
+        g.x_gate = input(ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, NT), "x_gate");
+    }
+    StepInputs in;
+    in.pos = g.pos;
+    in.kv_idx = g.kv_idx;
+    in.mask = g.mask;
+    in.x_rows = g.x_rows;
+    in.x_mask = g.x_mask;
+    in.x_gate = g.x_gate;
+    in.n_tokens = NT;
+    in.n_kv = n_kv;
+    in.cell0 = static_cast<int64_t>(b.seq) * cells;
+    in.n_xrows = b.n_xrows;
+    x = hp.arch == Arch::Idefics ? idefics_layers(ctx, c, x, in) : openflamingo_layers(ctx, c, x, in);
+    if (b.logits) {
+        ggml_tensor * last = ggml_view_2d(ctx, x, E, 1, x->nb[1], static_cast<size_t>(NT - 1) * x->nb[1]);
+        g.out = ggml_mul_mat(ctx, m.output, norm(ctx, last, m.output_norm, m.output_norm_b, hp.rms_eps));
+    } else {
+        g.out = x;
+    }
+    ggml_set_name(g.out, "out");
+    ggml_set_output(g.out);
+    ggml_build_forward_expand(g.gf, g.out);
+    return g;
+}
+
+// The image each token of the batch sees (see mmdecoder.h).
+void media(const mmd_context & c, Batch & b) {
+    const auto & s = c.seqs[static_cast<size_t>(b.seq)];
+    b.img_of.assign(static_cast<size_t>(b.n), -1);
+    b.refs.clear();
+    std::vector<int32_t> eos = s.eos;
+    if (b.tokens && c.params.eos_token >= 0) {
+        for (int32_t i = 0; i < b.n; ++i)
+            if (b.tokens[i] == c.params.eos_token) eos.push_back(b.pos[i]);
+    }
+    for (int32_t i = 0; i < b.n; ++i) {
+        const int32_t p = b.pos[i];
+        int32_t best = -1;
+        for (size_t j = 0; j < s.images.size(); ++j)
+            if (s.images[j].pos <= p && (best < 0 || s.images[j].pos > s.images[static_cast<size_t>(best)].pos))
+                best = static_cast<int32_t>(j);
+        if (best < 0) continue;
+        const int32_t ip = s.images[static_cast<size_t>(best)].pos;
+        if (std::any_of(eos.begin(), eos.end(), [&](int32_t e) { return e > ip && e < p; })) continue;
+        auto it = std::find(b.refs.begin(), b.refs.end(), best);
+        if (it == b.refs.end()) {
+            b.refs.push_back(best);
+            it = b.refs.end() - 1;
+        }
+        b.img_of[static_cast<size_t>(i)] = static_cast<int32_t>(it - b.refs.begin());
+    }
+    b.n_xrows = 0;
+    for (int32_t r : b.refs) b.n_xrows += s.images[static_cast<size_t>(r)].n_rows;
+}
+
+mmv_status run_graph(mmd_context & c, Graph & g) {
+    ggml_backend_sched_reset(c.sched.get());
+    if (!ggml_backend_sched_alloc_graph(c.sched.get(), g.gf)) {
+        return mmv::fail(MMV_ERR_OUT_OF_MEMORY, "cannot allocate the decoder graph on " + c.model->device_name);
+    }
+    return MMV_OK;
+}
+
+mmv_status compute(mmd_context & c, Graph & g) {
+    const ggml_status st = ggml_backend_sched_graph_compute(c.sched.get(), g.gf);
+    if (st != GGML_STATUS_SUCCESS) {
+        ggml_backend_sched_reset(c.sched.get());
+        return mmv::fail(st == GGML_STATUS_ALLOC_FAILED ? MMV_ERR_OUT_OF_MEMORY : MMV_ERR_BACKEND,
+                         "decoder compute failed on " + c.model->device_name + " (ggml status " + std::to_string(st) + ")");
+    }
+    return MMV_OK;
+}
+
+mmv_status decode(mmd_context & c, Batch & b) {
+    const mmd_model & m = *c.model;
+    auto & s = c.seqs[static_cast<size_t>(b.seq)];
+    int32_t top = -1;
+    for (int32_t p = 0; p < c.params.n_ctx; ++p)
+        if (s.used[static_cast<size_t>(p)]) top = p;
+    for (int32_t i = 0; i < b.n; ++i) top = std::max(top, b.pos[i]);
+    const int32_t n_kv = top + 1;
+    media(c, b);
+    Graph g = build(c, b, n_kv);
+    mmv_status st = run_graph(c, g);
+    if (st != MMV_OK) return st;
+
+    const size_t NT = static_cast<size_t>(b.n);
+    if (b.tokens) ggml_backend_tensor_set(g.inp, b.tokens, 0, NT * sizeof(int32_t));
+    else ggml_backend_tensor_set(g.inp, b.embd, 0, NT * static_cast<size_t>(m.hp.n_embd) * sizeof(float));
+    ggml_backend_tensor_set(g.pos, b.pos, 0, NT * sizeof(int32_t));
+    std::vector<int64_t> idx(NT);
+    for (size_t i = 0; i < NT; ++i) idx[i] = static_cast<int64_t>(b.seq) * c.params.n_ctx + b.pos[i];
+    ggml_backend_tensor_set(g.kv_idx, idx.data(), 0, NT * sizeof(int64_t));
+    // causal mask over cells: a cell is visible when it holds a position <= the token's and is
+    // either already in the cache or written by this batch
+    std::vector<uint8_t> visible(s.used.begin(), s.used.begin() + n_kv);
+    for (size_t i = 0; i < NT; ++i) visible[static_cast<size_t>(b.pos[i])] = 1;
+    const float ninf = -std::numeric_limits<float>::infinity();
+    std::vector<float> mask(static_cast<size_t>(n_kv) * NT, ninf);
+    for (size_t i = 0; i < NT; ++i)
+        for (int32_t p = 0; p <= b.pos[i]; ++p)
+            if (visible[static_cast<size_t>(p)]) mask[i * static_cast<size_t>(n_kv) + static_cast<size_t>(p)] = 0.f;
+    ggml_backend_tensor_set(g.mask, mask.data(), 0, mask.size() * sizeof(float));
+    if (b.n_xrows > 0) {
+        const size_t R = static_cast<size_t>(b.n_xrows);
+        std::vector<int32_t> rows;
+        std::vector<int32_t> owner;  // ref index per row
+        for (size_t r = 0; r < b.refs.size(); ++r) {
+            const auto & im = s.images[static_cast<size_t>(b.refs[r])];
+            for (int32_t j = 0; j < im.n_rows; ++j) {
+                rows.push_back(im.slot * c.params.n_image_rows + j);
+                owner.push_back(static_cast<int32_t>(r));
+            }
+        }
+        // a token without an image attends uniformly (finite row) and its output is zeroed
+        std::vector<float> xm(R * NT, 0.f), gate(NT, 0.f);
+        for (size_t i = 0; i < NT; ++i) {
+            const int32_t ref = b.img_of[i];
+            if (ref < 0) continue;
+            gate[i] = 1.f;
+            for (size_t j = 0; j < R; ++j) xm[i * R + j] = owner[j] == ref ? 0.f : ninf;
+        }
+        ggml_backend_tensor_set(g.x_rows, rows.data(), 0, R * sizeof(int32_t));
+        ggml_backend_tensor_set(g.x_mask, xm.data(), 0, xm.size() * sizeof(float));
+        ggml_backend_tensor_set(g.x_gate, gate.data(), 0, NT * sizeof(float));
+    }
+    st = compute(c, g);
+    if (st != MMV_OK) return st;
+    for (size_t i = 0; i < NT; ++i) s.used[static_cast<size_t>(b.pos[i])] = 1;
+    if (b.tokens && c.params.eos_token >= 0) {
+        for (size_t i = 0; i < NT; ++i)
+            if (b.tokens[i] == c.params.eos_token) s.eos.push_back(b.pos[i]);
+        std::sort(s.eos.begin(), s.eos.end());
+        s.eos.erase(std::unique(s.eos.begin(), s.eos.end()), s.eos.end());
+    }
+    c.has_logits = b.logits;
+    if (b.logits) {
+        c.logits.resize(static_cast<size_t>(m.hp.n_vocab));
+        ggml_backend_tensor_get(g.out, c.logits.data(), 0, c.logits.size() * sizeof(float));
+    }
+    ggml_backend_sched_reset(c.sched.get());
+    return MMV_OK;
+}
+
+// Cross-attention keys/values of one image for every gated block, into its slot.
+mmv_status add_image(mmd_context & c, int32_t seq, int32_t pos, const float * rows, int32_t n_rows) {
+    const mmd_model & m = *c.model;
+    const Hparams & hp = m.hp;
+    auto & s = c.seqs[static_cast<size_t>(seq)];
+    for (const auto & im : s.images)
+        if (im.pos == pos) return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "an image is already registered at position " + std::to_string(pos));
+    auto free_slot = std::find(c.slot_used.begin(), c.slot_used.end(), 0);
+    if (free_slot == c.slot_used.end()) {
+        return mmv::fail(MMV_ERR_OUT_OF_MEMORY, "all " + std::to_string(c.params.n_image_slots) +
+                                                    " image slots of the context are in use");
+    }
+    const int32_t slot = static_cast<int32_t>(free_slot - c.slot_used.begin());
+    ggml_init_params ip{};
+    ip.mem_size = c.graph_meta.size();
+    ip.mem_buffer = c.graph_meta.data();
+    ip.no_alloc = true;
+    mmv::context_ptr gctx(ggml_init(ip));
+    if (!gctx) throw std::bad_alloc();
+    ggml_context * ctx = gctx.get();
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, c.graph_size, false);
+    ggml_tensor * in = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, hp.n_embd_image, n_rows);
+    ggml_set_input(in);
+    const int64_t EX = hp.n_embd_x();
+    for (size_t xb = 0; xb < m.xblocks.size(); ++xb) {
+        ggml_tensor *k = nullptr, *v = nullptr;
+        if (hp.arch == Arch::Idefics) idefics_image_kv(ctx, m, xb, in, &k, &v);
+        else openflamingo_image_kv(ctx, m, xb, in, &k, &v);
+        const size_t off = static_cast<size_t>(slot) * static_cast<size_t>(c.params.n_image_rows);
+        ggml_tensor * kd = ggml_view_2d(ctx, c.xk_cache[xb], EX, n_rows, c.xk_cache[xb]->nb[1], off * c.xk_cache[xb]->nb[1]);
+        ggml_tensor * vd = ggml_view_2d(ctx, c.xv_cache[xb], EX, n_rows, c.xv_cache[xb]->nb[1], off * c.xv_cache[xb]->nb[1]);
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, k, kd));
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, v, vd));
+    }
+    ggml_backend_sched_reset(c.sched.get());
+    if (!ggml_backend_sched_alloc_graph(c.sched.get(), gf)) {
+        return mmv::fail(MMV_ERR_OUT_OF_MEMORY, "cannot allocate the image graph on " + m.device_name);
+    }
+    ggml_backend_tensor_set(in, rows, 0, static_cast<size_t>(n_rows) * hp.n_embd_image * sizeof(float));
+    const ggml_status st = ggml_backend_sched_graph_compute(c.sched.get(), gf);
+    ggml_backend_sched_reset(c.sched.get());
+    if (st != GGML_STATUS_SUCCESS) return mmv::fail(MMV_ERR_BACKEND, "image key/value compute failed");
+    c.slot_used[static_cast<size_t>(slot)] = 1;
+    mmd_context::Image im;
+    im.pos = pos;
+    im.slot = slot;
+    im.n_rows = n_rows;
+    s.images.push_back(im);
+    std::sort(s.images.begin(), s.images.end(), [](const auto & a, const auto & b2) { return a.pos < b2.pos; });
+    return MMV_OK;
+}
+
+void truncate(mmd_context & c, int32_t seq, int32_t n_keep) {
+    auto & s = c.seqs[static_cast<size_t>(seq)];
+    for (size_t p = static_cast<size_t>(std::max(0, n_keep)); p < s.used.size(); ++p) s.used[p] = 0;
+    std::vector<mmd_context::Image> keep;
+    for (const auto & im : s.images) {
+        if (im.pos < n_keep) keep.push_back(im);
+        else c.slot_used[static_cast<size_t>(im.slot)] = 0;
+    }
+    s.images = keep;
+    s.eos.erase(std::remove_if(s.eos.begin(), s.eos.end(), [&](int32_t e) { return e >= n_keep; }), s.eos.end());
+}
+
+void create(mmd_context & c) {
+    const mmd_model & m = *c.model;
+    const Hparams & hp = m.hp;
+    const mmd_context_params & p = c.params;
+    c.backend.reset(ggml_backend_dev_init(m.device, nullptr));
+    if (!c.backend) throw mmv::Error(MMV_ERR_BACKEND, "cannot initialise device " + m.device_name);
+    apply_n_threads(c.backend.get(), m.n_threads);
+    if (ggml_backend_dev_type(m.device) != GGML_BACKEND_DEVICE_TYPE_CPU) {
+        ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+        if (!cpu) throw mmv::Error(MMV_ERR_BACKEND, "no CPU backend is available");
+        c.backend_cpu.reset(ggml_backend_dev_init(cpu, nullptr));
+        if (!c.backend_cpu) throw mmv::Error(MMV_ERR_BACKEND, "cannot initialise the CPU backend");
+        apply_n_threads(c.backend_cpu.get(), m.n_threads);
+    }
+    const size_t n_layer = static_cast<size_t>(hp.n_layer), n_x = m.xblocks.size();
+    ggml_init_params ip{};
+    ip.mem_size = ggml_tensor_overhead() * (2 * n_layer + 2 * n_x + 8);
+    ip.no_alloc = true;
+    c.ctx_kv.reset(ggml_init(ip));
+    if (!c.ctx_kv) throw std::bad_alloc();
+    const ggml_type kvt = p.kv_f16 ? GGML_TYPE_F16 : GGML_TYPE_F32;
+    const int64_t cells = static_cast<int64_t>(p.n_ctx) * p.n_seq;
+    for (size_t il = 0; il < n_layer; ++il) {
+        c.k_cache.push_back(ggml_new_tensor_2d(c.ctx_kv.get(), kvt, hp.n_embd_kv(), cells));
+        c.v_cache.push_back(ggml_new_tensor_2d(c.ctx_kv.get(), kvt, hp.n_embd_kv(), cells));
+    }
+    const int64_t xrows = static_cast<int64_t>(p.n_image_slots) * p.n_image_rows;
+    for (size_t i = 0; i < n_x; ++i) {
+        c.xk_cache.push_back(ggml_new_tensor_2d(c.ctx_kv.get(), kvt, hp.n_embd_x(), xrows));
+        c.xv_cache.push_back(ggml_new_tensor_2d(c.ctx_kv.get(), kvt, hp.n_embd_x(), xrows));
+    }
+    c.buf_kv.reset(ggml_backend_alloc_ctx_tensors_from_buft(c.ctx_kv.get(), ggml_backend_dev_buffer_type(m.device)));
+    if (!c.buf_kv) throw mmv::Error(MMV_ERR_OUT_OF_MEMORY, "not enough memory on " + m.device_name + " for the KV cache");
+    ggml_backend_buffer_clear(c.buf_kv.get(), 0);
+    c.slot_used.assign(static_cast<size_t>(p.n_image_slots), 0);
+    c.seqs.resize(static_cast<size_t>(p.n_seq));
+    for (auto & s : c.seqs) s.used.assign(static_cast<size_t>(p.n_ctx), 0);
+
+    c.graph_size = 64 * n_layer + 48 * n_x + 256;
+    c.graph_meta.resize(ggml_tensor_overhead() * c.graph_size + ggml_graph_overhead_custom(c.graph_size, false));
+    std::vector<ggml_backend_t> backends{c.backend.get()};
+    if (c.backend_cpu) backends.push_back(c.backend_cpu.get());
+    c.sched.reset(ggml_backend_sched_new(backends.data(), nullptr, static_cast<int>(backends.size()), c.graph_size,
+                                         false, true));
+    if (!c.sched) throw mmv::Error(MMV_ERR_BACKEND, "cannot create the ggml scheduler");
+    // reserve for the largest batch: n_batch tokens over the whole context, every image row
+    std::vector<int32_t> pos(static_cast<size_t>(p.n_batch), 0);
+    Batch b;
+    b.n = p.n_batch;
+    b.pos = pos.data();
+    b.logits = true;
+    b.n_xrows = std::min<int32_t>(p.n_batch, p.n_image_slots) * p.n_image_rows;
+    std::vector<int32_t> toks(static_cast<size_t>(p.n_batch), 0);
+    b.tokens = toks.data();
+    Graph g = build(c, b, p.n_ctx);
+    if (!ggml_backend_sched_reserve(c.sched.get(), g.gf)) {
+        throw mmv::Error(MMV_ERR_OUT_OF_MEMORY, "not enough memory on " + m.device_name + " for a batch of " +
+                                                    std::to_string(p.n_batch) + " tokens");
+    }
+}
+
+
+bool bad_seq(const mmd_context * c, int32_t seq) { return c == nullptr || seq < 0 || seq >= c->params.n_seq; }
+
+}  // namespace
+}  // namespace mmd
+
+extern "C" {
+
+mmd_context_params mmd_context_default_params(void) {
+    mmd_context_params p{};
+    p.n_ctx = 2048;
+    p.n_seq = 1;
+    p.n_batch = 512;
+    p.n_image_slots = 16;
+    p.n_image_rows = 64;
+    p.eos_token = -1;
+    p.kv_f16 = 0;
+    return p;
+}
+
+mmv_status mmd_context_new(mmd_model * model, const mmd_context_params * params, mmd_context ** out) {
+    if (model == nullptr || out == nullptr) return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "NULL argument");
+    *out = nullptr;
+    const mmd_context_params p = params ? *params : mmd_context_default_params();
+    if (p.n_ctx < 1 || p.n_seq < 1 || p.n_batch < 1 || p.n_image_slots < 1 || p.n_image_rows < 1) {
+        return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "context sizes must be positive");
+    }
+    return mmv::guarded("decoding", [&]() {
+        auto c = std::make_unique<mmd_context>();
+        c->model = model;
+        c->params = p;
+        c->params.n_batch = std::min(p.n_batch, p.n_ctx);
+        mmd::create(*c);
+        *out = c.release();
+        return MMV_OK;
+    });
+}
+
+void mmd_context_free(mmd_context * ctx) {
+    try {
+        delete ctx;
+    } catch (...) {
+    }
+}
+
+mmv_status mmd_set_n_threads(mmd_context * ctx, int32_t n_threads) {
+    if (ctx == nullptr) return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "ctx is NULL");
+    ctx->model->n_threads = n_threads > 0 ? n_threads : static_cast<int32_t>(std::max(1u, std::thread::hardware_concurrency()));
+    mmd::apply_n_threads(ctx->backend.get(), ctx->model->n_threads);
+    mmd::apply_n_threads(ctx->backend_cpu.get(), ctx->model->n_threads);
+    return MMV_OK;
+}
+
+mmv_status mmd_add_image(mmd_context * ctx, int32_t seq, int32_t pos, const float * rows, int32_t n_rows) {
+    if (mmd::bad_seq(ctx, seq) || rows == nullptr) return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "bad context, sequence or rows");
+    if (pos < 0 || pos >= ctx->params.n_ctx) return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "image position out of range");
+    if (n_rows < 1 || n_rows > ctx->params.n_image_rows) {
+        return mmv::fail(MMV_ERR_INVALID_ARGUMENT, std::to_string(n_rows) + " image rows; the context holds 1.." +
+                                                       std::to_string(ctx->params.n_image_rows) + " per image");
+    }
+    return mmv::guarded("decoding", [&]() { return mmd::add_image(*ctx, seq, pos, rows, n_rows); });
+}
+
+mmv_status mmd_decode(mmd_context * ctx, int32_t seq, int32_t n, const int32_t * tokens, const float * embd,
+                      const int32_t * pos, int32_t logits_last) {
+    if (mmd::bad_seq(ctx, seq) || pos == nullptr) return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "bad context, sequence or positions");
+    if ((tokens == nullptr) == (embd == nullptr)) return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "give tokens or embd");
+    if (n < 1 || n > ctx->params.n_batch) {
+        return mmv::fail(MMV_ERR_INVALID_ARGUMENT, std::to_string(n) + " tokens; 1.." + std::to_string(ctx->params.n_batch) + " per call");
+    }
+    std::set<int32_t> seen;
+    for (int32_t i = 0; i < n; ++i) {
+        if (pos[i] < 0 || pos[i] >= ctx->params.n_ctx) {
+            return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "position " + std::to_string(pos[i]) + " is outside the context (" +
+                                                           std::to_string(ctx->params.n_ctx) + ")");
+        }
+        if (!seen.insert(pos[i]).second) return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "a position appears twice in the batch");
+        if (tokens && (tokens[i] < 0 || tokens[i] >= ctx->model->hp.n_vocab)) {
+            return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "token id " + std::to_string(tokens[i]) + " is outside the vocabulary");
+        }
+    }
+    return mmv::guarded("decoding", [&]() {
+        mmd::Batch b;
+        b.seq = seq;
+        b.n = n;
+        b.tokens = tokens;
+        b.embd = embd;
+        b.pos = pos;
+        b.logits = logits_last != 0;
+        return mmd::decode(*ctx, b);
+    });
+}
+
+const float * mmd_get_logits(const mmd_context * ctx) {
+    return ctx && ctx->has_logits ? ctx->logits.data() : nullptr;
+}
+
+int32_t mmd_pos_max(const mmd_context * ctx, int32_t seq) {
+    if (mmd::bad_seq(ctx, seq)) return -1;
+    const auto & used = ctx->seqs[static_cast<size_t>(seq)].used;
+    for (int32_t p = static_cast<int32_t>(used.size()) - 1; p >= 0; --p)
+        if (used[static_cast<size_t>(p)]) return p;
+    return -1;
+}
+
+mmv_status mmd_truncate(mmd_context * ctx, int32_t seq, int32_t n_keep) {
+    if (mmd::bad_seq(ctx, seq)) return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "bad context or sequence");
+    mmd::truncate(*ctx, seq, n_keep);
+    return MMV_OK;
+}
+
+void mmd_clear(mmd_context * ctx) {
+    if (ctx == nullptr) return;
+    for (int32_t s = 0; s < ctx->params.n_seq; ++s) mmd::truncate(*ctx, s, 0);
+    ctx->has_logits = false;
+}
+
+int32_t mmd_n_images(const mmd_context * ctx, int32_t seq) {
+    if (mmd::bad_seq(ctx, seq)) return 0;
+    return static_cast<int32_t>(ctx->seqs[static_cast<size_t>(seq)].images.size());
+}
+
+}  // extern "C"
