@@ -16,6 +16,7 @@ from .llava_hf import LlavaHF
 from .llava_next import FAMILIES as LLAVA_NEXT
 from .llava_original import LlavaLlama, LlavaMistral
 from .nvlm import FAMILIES as NVLM
+from .openflamingo import FOLDER_FAMILIES as OPENFLAMINGO
 from .original_files import OriginalFiles
 from .qformer import FAMILIES as QFORMER
 from .qformer_original import FOLDER_FAMILIES
@@ -41,12 +42,12 @@ def detect_folder_family(folder: Path, overrides: Mapping[str, Path] | None = No
     """A family whose original release has no config.json (LAVIS, MiniGPT-4), by its files;
     ``overrides``: parts that are elsewhere (``OriginalFiles``)."""
     files = OriginalFiles(folder, dict(overrides or {}))
-    for fam in FOLDER_FAMILIES:
+    for fam in (*FOLDER_FAMILIES, *OPENFLAMINGO):
         if fam.detect_folder(files):
             return fam(files)
     raise UserError(
         f"{folder} has no config.json; it is not a Hugging Face checkpoint (nor a LAVIS / "
-        "MiniGPT-4 folder with eva_vit_g.pth)"
+        "MiniGPT-4 folder with eva_vit_g.pth, nor an OpenFlamingo folder with checkpoint.pt)"
     )
 
 

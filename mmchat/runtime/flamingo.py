@@ -1,6 +1,7 @@
-"""Flamingo-style models (IDEFICS v1) in the runtime: a second text backend beside libllama.
+"""Flamingo-style models (IDEFICS v1, OpenFlamingo) in the runtime: a second text backend
+beside libllama.
 
-IDEFICS does not put image rows into the token sequence: an image is one ``<image>`` token
+They do not put image rows into the token sequence: an image is one ``<image>`` token
 whose Perceiver rows feed the gated cross-attention blocks of the decoder (libmmvision's
 decoder, ``mmchat.native.decoder``). The pieces here fit the runtime's existing contracts:
 
@@ -10,12 +11,17 @@ decoder, ``mmchat.native.decoder``). The pieces here fit the runtime's existing 
   8192) means "the image whose ``<image>`` token sits at ``pos``": the backend registers the
   rows (cross-attention K/V computed once) and decodes the ``<image>`` token there. Rows of
   width ``n_embd`` (when it differs) are ordinary input embeddings.
-- :class:`IdeficsEngine` is the ``VisionEngine`` of projector type ``idefics``: IDEFICS
-  preprocessing (bicubic resize to the square input, CLIP mean/std), rows cached per image
-  like every engine, and the layout ``[image block of n_latents rows advancing ONE position,
-  <fake_token_around_image>]``: with the converter's template, which writes
-  ``<fake_token_around_image>`` once before each run of image markers, a message with two
-  images becomes ``<fake><image><fake><image><fake>``, as IDEFICS's processor writes it.
+- :class:`IdeficsEngine` is the ``VisionEngine`` of projector types ``idefics`` and
+  ``openflamingo``: rows cached per image like every engine. IDEFICS: its preprocessing
+  (bicubic resize to the square input, CLIP mean/std) and the layout ``[image block of
+  n_latents rows advancing ONE position, <fake_token_around_image>]``: with the converter's
+  template, which writes ``<fake_token_around_image>`` once before each run of image markers,
+  a message with two images becomes ``<fake><image><fake><image><fake>``, as IDEFICS's
+  processor writes it. OpenFlamingo: open_clip's preprocessing (short side resized, centre
+  crop) and the ``<image>`` token alone.
+- Per-model facts come from the projector file: the image token, and whether an
+  end-of-sequence token ends an image's reach (IDEFICS: yes; OpenFlamingo:
+  ``openflamingo.eos_ends_image`` false, ``<|endofchunk|>`` does not).
 - :class:`VocabModel` is the tokenizer: libllama reading only the vocabulary of the text
   GGUF (``vocab_only``: the cross-attention tensors stop a full libllama load on purpose).
 - sampling runs llama.cpp's sampler chain on this backend's logits array
@@ -40,10 +46,11 @@ from mmchat.runtime import _llama
 from mmchat.runtime._llama import C, SamplerChain, TextModel
 from mmchat.vision.cache import EmbeddingCache
 from mmchat.vision.engine import ImageEmbedding, VisionEngine, read_mmproj_header
-from mmchat.vision.image import PreparedImage
+from mmchat.vision.image import PreparedImage, clip_crop_pixels
 from mmchat.vision.layout import EmbedSpan, Layout, TextSpan
 
 PROJECTOR = "idefics"
+PROJECTORS = (PROJECTOR, "openflamingo")
 
 
 # --- tokenizer --------------------------------------------------------------------------
@@ -69,17 +76,19 @@ class VocabModel(TextModel):
         self.n_vocab = int(C.llama_vocab_n_tokens(self.vocab))
         self._piece_cache: dict[int, bytes] = {}
         # a vocab-only load reads no hyper-parameters: take them from the metadata
-        self.n_embd = int(self.meta("llama.embedding_length") or 0)
+        self.arch = self.meta("general.architecture") or "llama"
+        self.n_embd = int(self.meta(f"{self.arch}.embedding_length") or 0)
         self.n_embd_inp = self.n_embd
         self.n_pos_per_embd = 1
-        self.n_ctx_train = int(self.meta("llama.context_length") or 0)
+        self.n_ctx_train = int(self.meta(f"{self.arch}.context_length") or 0)
         self.bos = int(C.llama_vocab_bos(self.vocab))
         self.eos = int(C.llama_vocab_eos(self.vocab))
         self.add_bos = bool(C.llama_vocab_get_add_bos(self.vocab))
 
     def desc(self) -> str:
-        n_layer = self.meta("llama.block_count") or "?"
-        return f"idefics {n_layer} layers, {self.n_embd} wide (cross-attention decoder)"
+        n_layer = self.meta(f"{self.arch}.block_count") or "?"
+        family = {"llama": "idefics", "gptneox": "openflamingo"}.get(self.arch, self.arch)
+        return f"{family} {n_layer} layers, {self.n_embd} wide (cross-attention decoder)"
 
 
 # --- the decoder backend ----------------------------------------------------------------
@@ -128,7 +137,7 @@ class FlamingoBackend:
             if exc.status in (MMV_ERR_INVALID_ARGUMENT, MMV_ERR_BACKEND, MMV_ERR_OUT_OF_MEMORY):
                 raise UserError(f"Cannot load {Path(text_path).name}: {exc}") from None
             raise CorruptFileError(
-                f"Cannot load the IDEFICS text model {text_path}: {exc}"
+                f"Cannot load the cross-attention text model {text_path}: {exc}"
             ) from None
         self.info = self.model.info
         self.n_ctx = int(n_ctx)
@@ -176,7 +185,7 @@ class FlamingoBackend:
                     seq=seq_id,
                 )
             except self._error as exc:
-                raise _llama.DecodeError(3, f"the IDEFICS decoder failed: {exc}") from None
+                raise _llama.DecodeError(3, f"the cross-attention decoder failed: {exc}") from None
         ms = (time.perf_counter() - t0) * 1000.0
         key = "eval" if n == 1 and logits_last else "prompt_eval"
         self._perf[f"{key}_ms"] += ms
@@ -245,7 +254,7 @@ class FlamingoBackend:
                 f"nor input embeddings ({self.info.n_embd})"
             )
         if non_causal:
-            raise UserError("the IDEFICS decoder has no non-causal embedding input")
+            raise UserError("the cross-attention decoder has no non-causal embedding input")
         self._run(
             self._positions(pos, len(embd)),
             tokens=None,
@@ -324,7 +333,8 @@ def idefics_pixels(
 
 
 class IdeficsEngine(VisionEngine):
-    """Projector type ``idefics`` on libmmvision: CLIP ViT + Perceiver rows per image."""
+    """Projector types ``idefics`` / ``openflamingo`` on libmmvision: CLIP ViT + Perceiver
+    rows per image."""
 
     kind = "mmvision"
 
@@ -342,18 +352,27 @@ class IdeficsEngine(VisionEngine):
 
         super().__init__(mmproj, cache=cache, disk_cache=disk_cache)
         meta = read_mmproj_header(mmproj)
+        proj = str(meta.get("clip.projector_type", ""))
+        self.openflamingo = proj == "openflamingo"
+        ns = "openflamingo" if self.openflamingo else "idefics"
         try:
-            self.image_token = int(meta.get("idefics.image_token_id"))
-            self.fake_token = int(meta.get("idefics.fake_token_id"))
+            self.image_token = int(meta.get(f"{ns}.image_token_id"))
+            self.fake_token = -1 if self.openflamingo else int(meta.get("idefics.fake_token_id"))
         except (TypeError, ValueError):
-            raise CorruptFileError(f"{mmproj} lacks idefics.image_token_id/fake_token_id") from None
+            raise CorruptFileError(
+                f"{mmproj} lacks {ns}.image_token_id (or its fake token)"
+            ) from None
+        self.eos_ends_image = bool(meta.get(f"{ns}.eos_ends_image", True))
+        """Whether an end-of-sequence token ends an image's reach (IDEFICS's rule)."""
         self.model = open_native_vision(
             mmproj, device=device, n_threads=n_threads, max_batch=max_batch
         )
         info = self.model.info
-        if info.projector_type != PROJECTOR:
+        if info.projector_type not in PROJECTORS:
             self.model.close()
-            raise UserError(f"{mmproj.name} is a '{info.projector_type}' projector, not IDEFICS")
+            raise UserError(
+                f"{mmproj.name} is a '{info.projector_type}' projector, not IDEFICS/OpenFlamingo"
+            )
         self.info = info
         self.projector_type = info.projector_type
         self.n_embd = info.n_embd
@@ -363,12 +382,15 @@ class IdeficsEngine(VisionEngine):
         return self.info.n_tokens
 
     def layout(self, image: PreparedImage) -> Layout:
+        if self.openflamingo:  # the <image> token alone
+            return (EmbedSpan(int(self.info.n_tokens), 1),)
         return idefics_layout(self.info.n_tokens, self.fake_token)
 
     def pixels(self, image: PreparedImage) -> np.ndarray:
-        return idefics_pixels(
-            image, self.info.image_size, self.info.image_mean, self.info.image_std
-        )
+        size, mean, std = self.info.image_size, self.info.image_mean, self.info.image_std
+        if self.openflamingo:  # open_clip's transform: short side resized, centre crop
+            return clip_crop_pixels(image, size, mean, std)
+        return idefics_pixels(image, size, mean, std)
 
     def _encode_batch(self, images: Sequence[PreparedImage]) -> list[ImageEmbedding]:
         t0 = time.perf_counter()
@@ -399,7 +421,7 @@ def idefics_layout(n_rows: int, fake_token: int) -> Layout:
 
 def is_flamingo(mmproj_info: GGUFInfo) -> bool:
     """Whether a projector header belongs to a cross-attention model (the loader's switch)."""
-    return str(mmproj_info.get("clip.projector_type", "")) == PROJECTOR
+    return str(mmproj_info.get("clip.projector_type", "")) in PROJECTORS
 
 
 def open_parts(
@@ -414,12 +436,12 @@ def open_parts(
     kv_cache_type: str = "f32",
     n_image_slots: int = 16,
 ) -> tuple[VocabModel, FlamingoBackend, IdeficsEngine]:
-    """What ``load_model`` needs for an IDEFICS pair: the tokenizer (in place of
+    """What ``load_model`` needs for an IDEFICS / OpenFlamingo pair: the tokenizer (in place of
     ``_llama.TextModel``), the decoder (in place of ``_llama.Context``; ``n_ctx`` positions
     per sequence) and the vision engine; everything is closed again on failure."""
     if kv_cache_type not in ("f32", "f16"):
         raise UserError(
-            f"the IDEFICS decoder keeps its KV cache in f32 or f16, not {kv_cache_type}"
+            f"the cross-attention decoder keeps its KV cache in f32 or f16, not {kv_cache_type}"
         )
     engine = IdeficsEngine(Path(mmproj_path), n_threads=n_threads, device=device)
     vocab: VocabModel | None = None
@@ -433,7 +455,7 @@ def open_parts(
             n_threads=n_threads,
             device=device,
             image_token=engine.image_token,
-            eos_token=vocab.eos,
+            eos_token=vocab.eos if engine.eos_ends_image else -1,
             n_image_rows=engine.info.n_tokens,
             n_image_slots=n_image_slots,
             kv_f16=kv_cache_type == "f16",
@@ -459,7 +481,7 @@ def open_parts(
 
 @dataclass
 class IdeficsRuntime:
-    """Tokenizer, vision engine and decoder of one converted IDEFICS model."""
+    """Tokenizer, vision engine and decoder of one converted IDEFICS / OpenFlamingo model."""
 
     vocab: VocabModel
     engine: IdeficsEngine

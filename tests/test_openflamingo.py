@@ -1,0 +1,219 @@
+"""OpenFlamingo (issue 18) end to end: the tiny fixture (tests/fixtures/openflamingo, built
+from open_flamingo's own classes) converted from its release layout (checkpoint.pt + base
+GPT-NeoX folder + open_clip tower), run on libmmvision's cross-attention decoder against
+open_flamingo's goldens: pixels, Perceiver rows per image, last-position logits with 0, 1 and
+2 images (and text before the first image), 8 greedy tokens, q8_0 top-1, the tokenizer,
+``mmchat convert`` + ``mmchat run`` with an image; bad files -> one clear error.
+
+checkpoint.pt is a PyTorch file (read with ``torch.load(weights_only=True)``): the tests
+that convert need torch and skip without it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mmchat.errors import UserError
+from mmchat.vision.image import load_image
+from mmchat.vision.synthetic import rel_l2
+
+ROOT = Path(__file__).parent / "fixtures" / "openflamingo"
+RELEASE = ROOT / "of_tiny"
+PROMPTS = ["text_only", "one_image", "two_images", "text_before_image", "after_eoc"]
+
+pytest.importorskip("torch", reason="checkpoint.pt is a PyTorch file: converting it needs torch")
+
+
+def _decoder_available() -> str | None:
+    from mmchat.native.library import NativeUnavailableError
+
+    try:
+        from mmchat.native.decoder import decoder_library
+
+        decoder_library()
+    except NativeUnavailableError as exc:
+        return str(exc)
+    return None
+
+
+_why = _decoder_available()
+pytestmark = pytest.mark.skipif(_why is not None, reason=f"no native decoder: {_why}")
+
+
+@cache
+def goldens() -> tuple[dict[str, Any], Any]:
+    return json.loads((ROOT / "goldens.json").read_text()), np.load(ROOT / "goldens.npz")
+
+
+_files: dict[str, tuple[Path, Path]] = {}
+
+
+@pytest.fixture(scope="module")
+def outdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("openflamingo")
+
+
+def files(outdir: Path, quant: str = "f32") -> tuple[Path, Path]:
+    if quant not in _files:
+        from mmchat.converters import convert
+
+        r = convert(RELEASE, outdir=outdir / quant, quant=quant, vision_quant="f32")
+        _files[quant] = (r.model_path, r.mmproj_path)
+    return _files[quant]
+
+
+def open_runtime(text: Path, mmproj: Path) -> Any:
+    from mmchat.runtime.flamingo import IdeficsRuntime
+
+    return IdeficsRuntime.open(text, mmproj, n_ctx=64, n_batch=8, n_threads=2, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def runtime(outdir: Path) -> Any:
+    rt = open_runtime(*files(outdir))
+    yield rt
+    rt.close()
+
+
+def rows_of(rt: Any, names: list[str]) -> list[np.ndarray]:
+    out = []
+    for n in names:
+        img = load_image(ROOT / "images" / f"{n}.png")
+        out.append(rt.engine.model.encode(rt.engine.pixels(img)[None])[0])
+    return out
+
+
+def test_pixels_and_perceiver_rows(runtime: Any) -> None:
+    _, g = goldens()
+    for name in ("landscape", "portrait"):
+        img = load_image(ROOT / "images" / f"{name}.png")
+        px = runtime.engine.pixels(img)
+        assert np.abs(px - g[f"pixels_{name}"]).max() < 2e-5
+        rows = runtime.engine.model.encode(g[f"pixels_{name}"][None])[0]
+        ref = g[f"perceiver_{name}"]
+        assert rows.shape == ref.shape == (64, 64)
+        assert np.abs(rows - ref).max() < 2e-3, name
+
+
+@pytest.mark.parametrize("name", PROMPTS)
+def test_final_logits_match_open_flamingo(runtime: Any, name: str) -> None:
+    meta, g = goldens()
+    p = meta["prompts"][name]
+    logits = runtime.evaluate_ids(p["ids"], rows_of(runtime, p["images"]))
+    ref = g[f"logits_{name}"]
+    assert logits.shape == ref.shape
+    assert np.abs(logits - ref).max() < 2e-3, (name, float(np.abs(logits - ref).max()))
+
+
+def test_images_change_the_answer(runtime: Any) -> None:
+    """The gated cross-attention is live: another image (same prompt) moves the logits."""
+    meta, _ = goldens()
+    p = meta["prompts"]["one_image"]
+    a = runtime.evaluate_ids(p["ids"], rows_of(runtime, ["landscape"])).copy()
+    b = runtime.evaluate_ids(p["ids"], rows_of(runtime, ["portrait"])).copy()
+    assert rel_l2(a, b) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["one_image", "two_images"])
+def test_greedy_tokens_match(runtime: Any, name: str) -> None:
+    from mmchat.runtime._llama import build_sampler
+
+    meta, _ = goldens()
+    p = meta["prompts"][name]
+    chain = build_sampler(
+        runtime.vocab,
+        temperature=0.0,
+        top_k=40,
+        top_p=1.0,
+        min_p=0.0,
+        repeat_penalty=1.0,
+        repeat_last_n=64,
+        frequency_penalty=0.0,
+        presence_penalty=0.0,
+        seed=0,
+        grammar=None,
+    )
+    try:
+        got = runtime.generate(p["ids"], rows_of(runtime, p["images"]), 8, chain)
+    finally:
+        chain.close()
+    want = p["greedy"]
+    if meta["eoc_token"] in want:  # generation stops at <|endofchunk|>
+        want = want[: want.index(meta["eoc_token"]) + 1]
+    assert got == want
+
+
+def test_tokenizer_matches(runtime: Any) -> None:
+    meta, _ = goldens()
+    for name in PROMPTS:
+        p = meta["prompts"][name]
+        assert runtime.vocab.tokenize(p["text"], add_special=False, parse_special=True) == p["ids"]
+    assert runtime.vocab.is_eog(meta["eoc_token"])
+
+
+def test_q8_0_keeps_top1(outdir: Path) -> None:
+    meta, g = goldens()
+    rt = open_runtime(*files(outdir, "q8_0"))
+    try:
+        for name in PROMPTS:
+            p = meta["prompts"][name]
+            logits = rt.evaluate_ids(p["ids"], rows_of(rt, p["images"]))
+            assert int(np.argmax(logits)) == int(np.argmax(g[f"logits_{name}"])), name
+    finally:
+        rt.close()
+
+
+def test_convert_and_run_cli(tmp_path: Path) -> None:
+    """What a user does: mmchat convert on the release folder, mmchat run with an image."""
+    from typer.testing import CliRunner
+
+    from mmchat.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["convert", str(RELEASE), "--outdir", str(out), "--quant", "f32"])
+    assert res.exit_code == 0, res.output
+    text = next(out.glob("of_tiny-*.gguf"))
+    mmproj = next(out.glob("mmproj-*.gguf"))
+    img = tmp_path / "img.png"
+    shutil.copy(ROOT / "images" / "landscape.png", img)
+    args = ["run", str(text), "--mmproj", str(mmproj), f"An image of a cat {img}"]
+    res = runner.invoke(app, [*args, "--max-tokens", "4", "--temperature", "0"])
+    assert res.exit_code == 0, res.output
+
+
+def test_bad_files_give_one_clear_error(tmp_path: Path) -> None:
+    from mmchat.converters import convert
+
+    # no base LLM folder
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(RELEASE / "checkpoint.pt", bare / "checkpoint.pt")
+    shutil.copytree(RELEASE / "clip", bare / "clip")
+    with pytest.raises(UserError, match="base language model folder"):
+        convert(bare, outdir=tmp_path / "o1", quant="f32")
+    # no CLIP tower
+    shutil.rmtree(bare / "clip")
+    shutil.copytree(RELEASE / "neox_base", bare / "neox_base")
+    with pytest.raises(UserError, match="no CLIP vision tower"):
+        convert(bare, outdir=tmp_path / "o2", quant="f32")
+    # a checkpoint.pt that is not OpenFlamingo's
+    import torch
+
+    shutil.copytree(RELEASE / "clip", bare / "clip")
+    torch.save({"something.weight": torch.zeros(2, 2)}, bare / "checkpoint.pt")
+    with pytest.raises(UserError, match="not an OpenFlamingo checkpoint"):
+        convert(bare, outdir=tmp_path / "o3", quant="f32")
+    # a gated block that lost a tensor
+    sd = torch.load(RELEASE / "checkpoint.pt", weights_only=True)
+    sd.pop("lang_encoder.gpt_neox.layers.1.gated_cross_attn_layer.attn.to_kv.weight")
+    torch.save(sd, bare / "checkpoint.pt")
+    with pytest.raises(UserError, match="to_kv"):
+        convert(bare, outdir=tmp_path / "o4", quant="f32")
+    assert not list((tmp_path / "o4").glob("*.gguf"))
