@@ -326,3 +326,13 @@ def test_text_model_of_another_width_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError) as exc:
         load_model(wide.model_path, mmproj64, OPTS)
     assert "\n" not in str(exc.value) and "80" in str(exc.value)
+
+
+def test_embeddings_are_refused_not_a_crash() -> None:
+    from mmchat.runtime.embedding import open_embedder
+
+    with (
+        load_model(converted("blip2_t5")[0], None, OPTS) as lm,
+        pytest.raises(UserError, match="encoder-decoder"),
+    ):
+        open_embedder(lm)

@@ -133,6 +133,11 @@ class Embedder:
                 f"{model.path.name} is a reranking model (pooling 'rank'): it scores pairs "
                 "of texts and has no embeddings"
             )
+        if text.has_encoder:  # llama_decode without llama_encode aborts the process
+            raise UserError(
+                f"{model.path.name} is an encoder-decoder model (T5): mmchat computes no "
+                "embeddings with it"
+            )
         self.pooling_from_file = isinstance(stored, int) and stored != 0
         train = text.n_ctx_train or model.n_ctx
         size = n_ctx or min(model.n_ctx, train, MAX_EMBED_CTX)
