@@ -155,6 +155,7 @@ def test_tokenizer_matches(runtime: Any) -> None:
         p = meta["prompts"][name]
         assert runtime.vocab.tokenize(p["text"], add_special=False, parse_special=True) == p["ids"]
     assert runtime.vocab.is_eog(meta["eoc_token"])
+    assert runtime.vocab.is_eog(runtime.vocab.tokenize("<|endoftext|>", add_special=False)[0])
 
 
 def test_q8_0_keeps_top1(outdir: Path) -> None:
@@ -186,6 +187,31 @@ def test_convert_and_run_cli(tmp_path: Path) -> None:
     args = ["run", str(text), "--mmproj", str(mmproj), f"An image of a cat {img}"]
     res = runner.invoke(app, [*args, "--max-tokens", "4", "--temperature", "0"])
     assert res.exit_code == 0, res.output
+
+
+def test_template_writes_completion_chunks(outdir: Path) -> None:
+    """A conversation renders as open_flamingo's interleaved chunks: few-shot examples are
+    user + assistant turns, the query a last user turn (no generation prompt)."""
+    from mmchat.runtime.loader import load_model
+
+    text, mmproj = files(outdir)
+    m = load_model(text, mmproj=mmproj)
+    try:
+        img = ROOT / "images" / "landscape.png"
+        msgs = [
+            {"role": "user", "content": "An image of", "images": [img]},
+            {"role": "assistant", "content": "two cats."},
+            {"role": "user", "content": "An image of", "images": [img]},
+        ]
+        assert m.render(msgs) == (
+            "<|mmchat-image-0|>An image of two cats.<|endofchunk|><|mmchat-image-1|>An image of"
+        )
+        meta, _ = goldens()
+        segs = m.prompt_segments(msgs[2:])
+        assert [type(s).__name__ for s in segs] == ["ImageSlot", "list"]
+        assert segs[1] == meta["prompts"]["one_image"]["ids"][1:5]  # "An image of"
+    finally:
+        m.close()
 
 
 def test_bad_files_give_one_clear_error(tmp_path: Path) -> None:

@@ -44,7 +44,8 @@ PAD = "<PAD>"
 HEAD_DIM = 64  # open_flamingo's dim_head (Perceiver and gated blocks)
 
 # Plain completion, as OpenFlamingo was trained (no chat format): a user turn is its images'
-# <image> markers then its text, an assistant turn its text closed by <|endofchunk|>
+# <image> markers then its text, an assistant turn its text (after a space unless it starts
+# with one) closed by <|endofchunk|>
 # ("<image>An image of two cats.<|endofchunk|><image>An image of").
 TEMPLATE = (
     "{%- for message in messages -%}"
@@ -54,7 +55,9 @@ TEMPLATE = (
     "| map(attribute='text') | join(' ') -%}"
     "{%- set n_images = message['content'] | selectattr('type', 'equalto', 'image') "
     "| list | length -%}{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}{{ text + '<|endofchunk|>' }}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- if text and text[0] not in ' \\n' -%}{{ ' ' }}{%- endif -%}"
+    "{{ text + '<|endofchunk|>' }}"
     "{%- elif message['role'] == 'user' -%}{{ '<image>' * n_images + text }}"
     "{%- else -%}{{ text + '\\n' }}{%- endif -%}"
     "{%- endfor -%}"
