@@ -336,3 +336,24 @@ def test_embeddings_are_refused_not_a_crash() -> None:
         pytest.raises(UserError, match="encoder-decoder"),
     ):
         open_embedder(lm)
+
+
+def test_bin_checkpoint_converts_the_same(tmp_path: Path) -> None:
+    """``pytorch_model.bin`` (read with ``torch.load(weights_only=True)``) gives the same
+    text GGUF as the safetensors file."""
+    torch = pytest.importorskip("torch", reason="reading .bin checkpoints needs torch")
+    from mmchat.converters import convert
+    from mmchat.converters.checkpoint import open_checkpoint
+
+    from mmchat.gguf_meta import read_gguf
+
+    src = tmp_path / "bin"
+    shutil.copytree(ROOT / "blip2_t5", src)
+    ckpt = open_checkpoint(src)
+    state = {n: torch.from_numpy(np.array(ckpt[n].load())) for n in ckpt.names()}
+    (src / "model.safetensors").unlink()
+    torch.save(state, src / "pytorch_model.bin")
+    r = convert(src, outdir=tmp_path / "o", quant="f32", vision_quant="f32")
+    a, b = read_gguf(r.model_path), read_gguf(converted("blip2_t5")[0])
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    assert r.model_path.read_bytes()[-4096:] == converted("blip2_t5")[0].read_bytes()[-4096:]
