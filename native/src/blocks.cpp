@@ -1,6 +1,8 @@
 // Building blocks shared by every family's graph (see blocks.h).
 #include "blocks.h"
 
+#include "host_kernels.h"
+
 #include <cmath>
 #include <cstring>
 
@@ -19,6 +21,13 @@ ggml_tensor * linear(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_
     return x;
 }
 
+ggml_tensor * linear(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b, const Arith & ar) {
+    if (ar.host_kernels) {
+        if (ggml_tensor * y = host_linear(ctx, x, w, b)) return y;
+    }
+    return linear(ctx, x, w, b);
+}
+
 // quick-GELU written as silu(1.702 x) / 1.702: ggml's silu is computed in f32 (vectorised),
 // whereas its gelu_quick goes through an f16 lookup table on the CPU.
 ggml_tensor * quick_gelu(ggml_context * ctx, ggml_tensor * x, bool fast) {
@@ -31,8 +40,18 @@ ggml_tensor * gelu(ggml_context * ctx, ggml_tensor * x, bool fast) {
     return fast ? ggml_gelu(ctx, x) : ggml_gelu_erf(ctx, x);
 }
 
+ggml_tensor * gelu(ggml_context * ctx, ggml_tensor * x, const Arith & ar) {
+    if (ar.host_kernels && !ar.fast_math) {
+        if (ggml_tensor * y = host_gelu_erf(ctx, x)) return y;
+    }
+    return gelu(ctx, x, ar.fast_math);
+}
+
 ggml_tensor * attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, int64_t n_head,
                         const Arith & ar) {
+    if (ar.host_kernels) {
+        if (ggml_tensor * y = host_attention(ctx, q, k, v, n_head)) return y;
+    }
     const int64_t H = q->ne[0], NQ = q->ne[1], NK = k->ne[1], B = q->ne[2];
     const int64_t DH = H / n_head;
     const float kq_scale = 1.0f / std::sqrt(static_cast<float>(DH));
@@ -60,10 +79,10 @@ ggml_tensor * attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, gg
 ggml_tensor * mha(ggml_context * ctx, const AttnWeights & a, ggml_tensor * x, ggml_tensor * kv_src, int64_t n_head,
                   const Arith & ar) {
     ggml_tensor * src = kv_src ? kv_src : x;
-    ggml_tensor * q = apply(ctx, a.q, x);
-    ggml_tensor * k = apply(ctx, a.k, src);
-    ggml_tensor * v = apply(ctx, a.v, src);
-    return apply(ctx, a.o, attention(ctx, q, k, v, n_head, ar));
+    ggml_tensor * q = apply(ctx, a.q, x, ar);
+    ggml_tensor * k = apply(ctx, a.k, src, ar);
+    ggml_tensor * v = apply(ctx, a.v, src, ar);
+    return apply(ctx, a.o, attention(ctx, q, k, v, n_head, ar), ar);
 }
 
 ggml_tensor * vit_embed(ggml_context * ctx, const VitEmbedWeights & w, ggml_tensor * patches, int64_t hidden) {
@@ -80,9 +99,9 @@ ggml_tensor * pre_ln_block(ggml_context * ctx, const PreLnBlock & blk, ggml_tens
     ggml_tensor * cur = apply(ctx, blk.ln1, x, eps);
     x = ggml_add(ctx, x, mha(ctx, blk.attn, cur, nullptr, n_head, ar));
     cur = apply(ctx, blk.ln2, x, eps);
-    cur = apply(ctx, blk.fc1, cur);
-    cur = act == Act::Gelu ? gelu(ctx, cur, ar.fast_math) : quick_gelu(ctx, cur, ar.fast_math);
-    cur = apply(ctx, blk.fc2, cur);
+    cur = apply(ctx, blk.fc1, cur, ar);
+    cur = act == Act::Gelu ? gelu(ctx, cur, ar) : quick_gelu(ctx, cur, ar.fast_math);
+    cur = apply(ctx, blk.fc2, cur, ar);
     return ggml_add(ctx, x, cur);
 }
 

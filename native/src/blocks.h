@@ -14,15 +14,21 @@ namespace mmv {
 struct Arith {
     bool fast_math = false;   // ggml's f16-table/tanh activations, f16 K/V in attention
     bool flash_attn = false;  // use the fused attention op (decided per device at load)
+    bool host_kernels = false;  // the graph runs on the CPU backend of an AVX-512 CPU: f16 linear
+                                // layers, attention and exact GELU through host_kernels.h
 };
 
 ggml_tensor * layer_norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b, float eps);
 ggml_tensor * linear(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b);
+// The same, through the host f16 kernel where `ar` allows it and the operands fit.
+ggml_tensor * linear(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b, const Arith & ar);
 
 // quick-GELU x * sigmoid(1.702 x) (CLIP), exact in f32 unless fast.
 ggml_tensor * quick_gelu(ggml_context * ctx, ggml_tensor * x, bool fast);
 // Exact GELU (erf), as torch.nn.GELU() / transformers' "gelu"; tanh approximation if fast.
 ggml_tensor * gelu(ggml_context * ctx, ggml_tensor * x, bool fast);
+// The same honouring all of `ar` (fast_math, host_kernels).
+ggml_tensor * gelu(ggml_context * ctx, ggml_tensor * x, const Arith & ar);
 
 // Scaled dot-product attention over already projected q [H, Nq, B] and k, v [H, Nk, B]
 // with n_head heads (H = n_head * head_dim), no mask. Returns [H, Nq, B].
@@ -39,6 +45,9 @@ struct Norm {
     ggml_tensor * b = nullptr;
 };
 inline ggml_tensor * apply(ggml_context * ctx, const Linear & l, ggml_tensor * x) { return linear(ctx, x, l.w, l.b); }
+inline ggml_tensor * apply(ggml_context * ctx, const Linear & l, ggml_tensor * x, const Arith & ar) {
+    return linear(ctx, x, l.w, l.b, ar);
+}
 inline ggml_tensor * apply(ggml_context * ctx, const Norm & n, ggml_tensor * x, float eps) {
     return layer_norm(ctx, x, n.w, n.b, eps);
 }

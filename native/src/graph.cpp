@@ -1,7 +1,9 @@
 // The family-independent part of encoding: graph contexts, the attention-path decision,
 // memory reservation, batching, inputs and output, and the mmv_encode* entry points.
+#include "host_kernels.h"
 #include "internal.h"
 #include "model.h"
+#include "profile.h"
 
 #include <algorithm>
 #include <cstring>
@@ -42,6 +44,7 @@ Graph build_graph(mmv_model & m, int32_t batch, int32_t n_text) {
     Arith ar;
     ar.fast_math = hp.fast_math;
     ar.flash_attn = m.flash_attn;
+    ar.host_kernels = host_kernels_usable(m.backend.get());
     g.out = m.family->build(ctx, hp, g.in, ar);
     ggml_set_name(g.out, "embeddings");
     ggml_set_output(g.out);
@@ -106,7 +109,10 @@ mmv_status encode(mmv_model & m, const float * pixels, int32_t n_images, const i
         }
         ggml_backend_tensor_set(g.in.patches, m.patches.data(), 0, m.patches.size() * sizeof(float));
         if (g.in.text) ggml_backend_tensor_set(g.in.text, text, 0, sizeof(int32_t) * static_cast<size_t>(n_text));
+        NodeProfiler prof;
+        prof.attach(m.sched.get());
         ggml_status st = ggml_backend_sched_graph_compute(m.sched.get(), g.gf);
+        prof.report();
         if (st != GGML_STATUS_SUCCESS) {
             ggml_backend_sched_reset(m.sched.get());
             return fail(st == GGML_STATUS_ALLOC_FAILED ? MMV_ERR_OUT_OF_MEMORY : MMV_ERR_BACKEND,

@@ -123,12 +123,12 @@ class QformerFamily final : public Family {
                 x = q;
             }
         }
-        return apply(ctx, proj_, x);  // [n_embd, NQ, B]
+        return apply(ctx, proj_, x, ar);  // [n_embd, NQ, B]
     }
 
   private:
     ggml_tensor * ffn(ggml_context * ctx, const BertFfn & f, ggml_tensor * x, const Arith & ar) const {
-        ggml_tensor * h = apply(ctx, f.down, gelu(ctx, apply(ctx, f.up, x), ar.fast_math));
+        ggml_tensor * h = apply(ctx, f.down, gelu(ctx, apply(ctx, f.up, x, ar), ar), ar);
         return apply(ctx, f.ln, ggml_add(ctx, x, h), eps_q_);
     }
 
