@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -357,3 +358,78 @@ def test_bin_checkpoint_converts_the_same(tmp_path: Path) -> None:
     a, b = read_gguf(r.model_path), read_gguf(converted("blip2_t5")[0])
     assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
     assert r.model_path.read_bytes()[-4096:] == converted("blip2_t5")[0].read_bytes()[-4096:]
+
+
+# --- LAVIS' own layout (torch-only: the .pth files need torch.load) --------------------------
+
+
+def _lavis_convert(src: Path, out: Path) -> Any:
+    from mmchat.converters import convert
+
+    return convert(src, outdir=out, quant="f32", vision_quant="f32")
+
+
+def test_lavis_instructblip_t5_matches_transformers(tmp_path: Path) -> None:
+    """LAVIS' blip2_t5_instruct files (eva_vit_g.pth, the trimmed .pth with ``t5_proj``,
+    bert-base-uncased/, the Flan-T5 folder with its own ``gelu_new`` config and untied
+    ``lm_head``) convert and answer as transformers' InstructBLIP on the same weights with
+    the exact GELU, which LAVIS sets."""
+    pytest.importorskip("torch", reason="the LAVIS files are .pth: reading them needs torch")
+    from mmchat.gguf_meta import read_gguf
+
+    meta = json.loads((ROOT / "goldens_lavis.json").read_text())
+    g = np.load(ROOT / "goldens_lavis.npz")
+    r = _lavis_convert(ROOT / "lavis_instructblip_t5", tmp_path / "o")
+    assert r.family == "instructblip-lavis" and r.architecture == "Blip2T5Instruct"
+    assert any("exact GELU" in n for n in r.notes)  # the folder says gelu_new, LAVIS gelu
+    assert read_gguf(r.model_path).architecture == "t5"
+    with load_model(r.model_path, r.mmproj_path, OPTS) as lm:
+        print("\nLAVIS InstructBLIP-T5 f32: rows / first-step logits, rel L2 vs transformers")
+        for name in goldens()[0]["images"]:
+            msgs = [{"role": "user", "content": meta["prompt"], "images": [image(name)]}]
+            ev = lm.evaluate(msgs)
+            assert ev.token_ids == meta["input_ids"]
+            rows = rel_l2(ev.image_embeddings[0], g[f"{name}/rows"])
+            err = rel_l2(ev.logits, g[f"{name}/logits"])
+            print(f"  {name:9s} rows {rows:.2e}  logits {err:.2e}")
+            assert rows <= 2e-3 and err <= 2e-3
+            assert int(np.argmax(ev.logits)) == int(np.argmax(g[f"{name}/logits"]))
+
+
+def test_lavis_blip2_t5_reads_no_instruction(tmp_path: Path) -> None:
+    """LAVIS' blip2_t5 drops the Q-Former's text embeddings and text FFN: the same files
+    without them convert as BLIP-2 (queries only, "Question: … Answer:" template)."""
+    torch = pytest.importorskip(
+        "torch", reason="the LAVIS files are .pth: reading them needs torch"
+    )
+    from mmchat.gguf_meta import read_gguf
+
+    src = tmp_path / "blip2"
+    shutil.copytree(ROOT / "lavis_instructblip_t5", src)
+    path = src / "instruct_blip_flanxl_trimmed.pth"
+    state = torch.load(path, weights_only=True)["model"]
+    path.unlink()
+    drop = ("Qformer.bert.embeddings.word_", "Qformer.bert.embeddings.position_")
+    keep = {
+        k: v
+        for k, v in state.items()
+        if not k.startswith(drop) and not re.search(r"layer\.\d+\.(intermediate|output)\.", k)
+    }
+    torch.save({"model": keep}, src / "blip2_pretrained_flant5xl.pth")
+    r = _lavis_convert(src, tmp_path / "o")
+    assert r.family == "blip2-lavis" and r.architecture == "Blip2T5"
+    assert read_gguf(r.mmproj_path).get("qformer.text_input") is False
+    assert "Question: " in str(read_gguf(r.model_path).get("tokenizer.chat_template"))
+    with load_model(r.model_path, r.mmproj_path, OPTS) as lm:
+        ev = lm.evaluate([{"role": "user", "content": QUESTION, "images": [image("pixel")]}])
+        assert np.isfinite(ev.logits).all() and ev.token_ids[-1] == 1  # ... Answer:</s>
+
+
+def test_lavis_t5_checkpoint_with_a_vicuna_folder_is_refused(tmp_path: Path) -> None:
+    pytest.importorskip("torch", reason="the LAVIS files are .pth: reading them needs torch")
+    src = tmp_path / "mixed"
+    shutil.copytree(ROOT / "lavis_instructblip_t5", src)
+    cfg = json.loads((src / "flan-t5-xl" / "config.json").read_text())
+    (src / "flan-t5-xl" / "config.json").write_text(json.dumps(cfg | {"model_type": "llama"}))
+    with pytest.raises(UserError, match="Flan-T5 folder"):
+        _lavis_convert(src, tmp_path / "o")

@@ -114,12 +114,12 @@ def llm_folder(folder: Path) -> Path:
     found = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         cfg = sub / "config.json"
-        if cfg.is_file() and read_json(cfg).get("model_type") in ("llama", "mistral"):
+        if cfg.is_file() and read_json(cfg).get("model_type") in ("llama", "mistral", "t5"):
             found.append(sub)
     if len(found) != 1:
         what = "none" if not found else ", ".join(p.name for p in found)
         raise UserError(
             f"{folder} must hold exactly one language model folder (a Hugging Face Llama/Vicuna "
-            f"folder with config.json), or name it with --llm; found {what}"
+            f"or Flan-T5 folder with config.json), or name it with --llm; found {what}"
         )
     return found[0]

@@ -14,7 +14,9 @@ All in one folder under their published names; the LLM is the sub-folder holding
 names are mapped onto transformers' (the inverse of its ``convert_*_original_to_pytorch.py``)
 and the Hugging Face plan does the rest. Differences from the transformers port kept here:
 ``ln_vision`` is LAVIS' LayerNorm with eps 1e-5; head sizes are EVA's 88 and BERT's 64.
-LAVIS' ``t5_proj`` / ``opt_proj`` checkpoints are refused (Flan-T5 not yet, OPT never).
+LAVIS' Flan-T5 checkpoints (``t5_proj``: ``blip2_t5``, and ``blip2_t5_instruct`` whose
+Q-Former keeps its text embeddings) take the Flan-T5 folder as the LLM and run it with the
+exact GELU, as LAVIS does (t5_text.py); ``opt_proj`` checkpoints are refused (OPT never).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from .original_files import (
     torch_refs,
 )
 from .qformer import INSTRUCTBLIP_TEMPLATE, qformer_plan
+from .t5_text import BLIP2_T5_TEMPLATE, INSTRUCTBLIP_T5_TEMPLATE, t5_text_plan, t5_vocab
 
 BERT_HEAD_DIM = 64
 LAVIS_LN_VISION_EPS = 1e-5
@@ -85,7 +88,7 @@ def _lavis_names(name: str, *, queries_only: bool) -> str | None:
         return name
     if name.startswith("ln_vision."):
         return "vision_model.post_layernorm." + name.split(".", 1)[1]
-    for proj in ("llm_proj.", "llama_proj."):
+    for proj in ("llm_proj.", "llama_proj.", "t5_proj."):
         if name.startswith(proj):
             return "language_projection." + name[len(proj) :]
     if name.startswith("visual_encoder."):
@@ -207,15 +210,29 @@ class _Original:
         vcfg, qcfg = _shape_config(ckpt)
         llm = self.files.llm()
         tcfg = read_json(llm / "config.json")
-        text = llama_text_plan(
-            open_checkpoint(llm),
-            tcfg,
-            layer_prefix="model.layers.",
-            embed="model.embed_tokens.weight",
-            norm="model.norm.weight",
-            lm_head="lm_head.weight",
-            mistral=tcfg.get("model_type") == "mistral",
-        )
+        t5 = tcfg.get("model_type") == "t5"
+        if t5 != ("t5_proj.weight" in refs):
+            want = "a Flan-T5" if "t5_proj.weight" in refs else "a Llama/Vicuna"
+            raise UserError(f"{self.name}: this checkpoint's language model is {want} folder")
+        notes: list[str] = []
+        t5_kv: list[tuple[str, Any]] = []
+        if t5:  # LAVIS' blip2_t5 / blip2_t5_instruct run Flan-T5 with the exact GELU
+            hp, jobs, t5_kv = t5_text_plan(
+                open_checkpoint(llm), tcfg | {"dense_act_fn": "gelu"}, prefix="", notes=notes
+            )
+            text = (hp, jobs)
+            template = INSTRUCTBLIP_T5_TEMPLATE if text_input else BLIP2_T5_TEMPLATE
+        else:
+            text = llama_text_plan(
+                open_checkpoint(llm),
+                tcfg,
+                layer_prefix="model.layers.",
+                embed="model.embed_tokens.weight",
+                norm="model.norm.weight",
+                lm_head="lm_head.weight",
+                mistral=tcfg.get("model_type") == "mistral",
+            )
+            template = self.template()
         tokenizer = None
         if text_input:
             if bert is None or not (bert / "vocab.txt").is_file():
@@ -226,31 +243,47 @@ class _Original:
             tokenizer = read_wordpiece_folder(bert)
             if "[DEC]" not in tokenizer.tokens:  # LAVIS' init_tokenizer adds it
                 tokenizer.tokens.append("[DEC]")
+        config_ids = {
+            "bos_token_id": None if t5 else tcfg.get("bos_token_id"),
+            "eos_token_id": tcfg.get("eos_token_id"),
+            "pad_token_id": tcfg.get("pad_token_id"),
+        }
         plan = qformer_plan(
             ckpt,
             vcfg=vcfg,
             qcfg=qcfg,
             text=text,
             tokenizer=tokenizer,
-            family=self.name,
-            architecture=self.architectures[0],
-            template=self.template(),
+            family=self.name if text_input or not t5 else "blip2-lavis",
+            architecture=_lavis_architecture(self.architectures[0], t5, text_input),
+            template=template,
             folders=[folder, llm],
             tokenizer_dir=llm,
-            config_ids={
-                "bos_token_id": tcfg.get("bos_token_id"),
-                "eos_token_id": tcfg.get("eos_token_id"),
-                "pad_token_id": tcfg.get("pad_token_id"),
-            },
+            config_ids=config_ids,
             ln_vision_eps=LAVIS_LN_VISION_EPS,
             vision_source=EVA_FILE,
         )
+        if t5:
+            vocab, space_prefix, vocab_kv = t5_vocab(
+                llm, vocab_size=text[0].n_vocab, config_ids=config_ids, template=template
+            )
+            plan.text.add_space_prefix = space_prefix
+            plan.vocab = vocab
+            plan.text_kv = t5_kv + vocab_kv
+            plan.notes = notes + plan.notes
         # LAVIS' eval processor: bicubic resize to the square size, /255, CLIP mean/std
         plan.notes = [n for n in plan.notes if "image processor config" not in n]
         return plan
 
     def template(self) -> str:
         raise NotImplementedError
+
+
+def _lavis_architecture(default: str, t5: bool, text_input: bool) -> str:
+    """LAVIS' model class: Blip2T5 / Blip2T5Instruct for Flan-T5 checkpoints."""
+    if not t5:
+        return default
+    return "Blip2T5Instruct" if text_input else "Blip2T5"
 
 
 def _lavis_model_file(folder: Path) -> Path | None:
@@ -283,14 +316,13 @@ class LavisInstructBlip(_Original):
                 "BLIP-2 with an OPT language model cannot run on llama.cpp (it has no OPT "
                 "architecture); run it with vLLM or transformers instead"
             )
-        if any(k.startswith("t5_proj.") for k in refs):
-            raise UserError(
-                "LAVIS models with a Flan-T5 language model are not supported yet (only "
-                "Vicuna ones are)"
-            )
+        if "t5_proj.weight" in refs:  # BLIP-2 / InstructBLIP with Flan-T5
+            # InstructBLIP keeps the Q-Former's text embeddings; BLIP-2 drops them
+            text_input = "Qformer.bert.embeddings.word_embeddings.weight" in refs
+            return refs, folder / "bert-base-uncased", text_input
         if "llm_proj.weight" not in refs:
             raise UserError(
-                f"{path.name} is not a LAVIS InstructBLIP-Vicuna checkpoint (no llm_proj)"
+                f"{path.name} is not a LAVIS InstructBLIP checkpoint (no llm_proj or t5_proj)"
             )
         return refs, folder / "bert-base-uncased", True
 
