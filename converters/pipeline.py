@@ -201,7 +201,7 @@ def _text_kv(
         if hp.head_dim * hp.n_head != hp.n_embd:
             w.add_key_length(hp.head_dim)
             w.add_value_length(hp.head_dim)
-        if hp.gguf_arch in ("nemotron", "stablelm", "gptneox"):  # LayerNorm models
+        if hp.gguf_arch in ("nemotron", "stablelm", "gptneox", "mpt"):  # LayerNorm models
             w.add_layer_norm_eps(hp.rms_eps)
         else:
             w.add_layer_norm_rms_eps(hp.rms_eps)

@@ -25,6 +25,10 @@ from mmchat.vision.synthetic import rel_l2
 
 ROOT = Path(__file__).parent / "fixtures" / "openflamingo"
 RELEASE = ROOT / "of_tiny"
+TOWER = RELEASE / "clip"
+# base LLM -> (release folder, goldens stem): GPT-NeoX (OpenFlamingo-4B's RedPajama-INCITE,
+# gated blocks every 2 layers) and MPT (OpenFlamingo-9B's, every 4; its tower via --vision-tower)
+VARIANTS = {"neox": (RELEASE, "goldens"), "mpt": (ROOT / "of_mpt", "goldens_mpt")}
 PROMPTS = ["text_only", "one_image", "two_images", "text_before_image", "after_eoc"]
 
 pytest.importorskip("torch", reason="checkpoint.pt is a PyTorch file: converting it needs torch")
@@ -47,11 +51,12 @@ pytestmark = pytest.mark.skipif(_why is not None, reason=f"no native decoder: {_
 
 
 @cache
-def goldens() -> tuple[dict[str, Any], Any]:
-    return json.loads((ROOT / "goldens.json").read_text()), np.load(ROOT / "goldens.npz")
+def goldens(variant: str = "neox") -> tuple[dict[str, Any], Any]:
+    stem = VARIANTS[variant][1]
+    return json.loads((ROOT / f"{stem}.json").read_text()), np.load(ROOT / f"{stem}.npz")
 
 
-_files: dict[str, tuple[Path, Path]] = {}
+_files: dict[tuple[str, str], tuple[Path, Path]] = {}
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +64,19 @@ def outdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("openflamingo")
 
 
-def files(outdir: Path, quant: str = "f32") -> tuple[Path, Path]:
-    if quant not in _files:
+def files(outdir: Path, quant: str = "f32", variant: str = "neox") -> tuple[Path, Path]:
+    if (quant, variant) not in _files:
         from mmchat.converters import convert
 
-        r = convert(RELEASE, outdir=outdir / quant, quant=quant, vision_quant="f32")
-        _files[quant] = (r.model_path, r.mmproj_path)
-    return _files[quant]
+        r = convert(
+            VARIANTS[variant][0],
+            outdir=outdir / variant / quant,
+            quant=quant,
+            vision_quant="f32",
+            vision_tower=TOWER,
+        )
+        _files[quant, variant] = (r.model_path, r.mmproj_path)
+    return _files[quant, variant]
 
 
 def open_runtime(text: Path, mmproj: Path) -> Any:
@@ -74,9 +85,15 @@ def open_runtime(text: Path, mmproj: Path) -> Any:
     return IdeficsRuntime.open(text, mmproj, n_ctx=64, n_batch=8, n_threads=2, device="cpu")
 
 
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def runtime(outdir: Path) -> Any:
-    rt = open_runtime(*files(outdir))
+def runtime(outdir: Path, variant: str) -> Any:
+    rt = open_runtime(*files(outdir, variant=variant))
+    rt.variant = variant
     yield rt
     rt.close()
 
@@ -90,7 +107,7 @@ def rows_of(rt: Any, names: list[str]) -> list[np.ndarray]:
 
 
 def test_pixels_and_perceiver_rows(runtime: Any) -> None:
-    _, g = goldens()
+    _, g = goldens(runtime.variant)
     for name in ("landscape", "portrait"):
         img = load_image(ROOT / "images" / f"{name}.png")
         px = runtime.engine.pixels(img)
@@ -103,7 +120,7 @@ def test_pixels_and_perceiver_rows(runtime: Any) -> None:
 
 @pytest.mark.parametrize("name", PROMPTS)
 def test_final_logits_match_open_flamingo(runtime: Any, name: str) -> None:
-    meta, g = goldens()
+    meta, g = goldens(runtime.variant)
     p = meta["prompts"][name]
     logits = runtime.evaluate_ids(p["ids"], rows_of(runtime, p["images"]))
     ref = g[f"logits_{name}"]
@@ -113,18 +130,18 @@ def test_final_logits_match_open_flamingo(runtime: Any, name: str) -> None:
 
 def test_images_change_the_answer(runtime: Any) -> None:
     """The gated cross-attention is live: another image (same prompt) moves the logits."""
-    meta, _ = goldens()
+    meta, _ = goldens(runtime.variant)
     p = meta["prompts"]["one_image"]
     a = runtime.evaluate_ids(p["ids"], rows_of(runtime, ["landscape"])).copy()
     b = runtime.evaluate_ids(p["ids"], rows_of(runtime, ["portrait"])).copy()
-    assert rel_l2(a, b) > 1e-2
+    assert rel_l2(a, b) > 1e-3  # 0 when the gated path is dead
 
 
 @pytest.mark.parametrize("name", ["one_image", "two_images"])
 def test_greedy_tokens_match(runtime: Any, name: str) -> None:
     from mmchat.runtime._llama import build_sampler
 
-    meta, _ = goldens()
+    meta, _ = goldens(runtime.variant)
     p = meta["prompts"][name]
     chain = build_sampler(
         runtime.vocab,
@@ -150,7 +167,7 @@ def test_greedy_tokens_match(runtime: Any, name: str) -> None:
 
 
 def test_tokenizer_matches(runtime: Any) -> None:
-    meta, _ = goldens()
+    meta, _ = goldens(runtime.variant)
     for name in PROMPTS:
         p = meta["prompts"][name]
         assert runtime.vocab.tokenize(p["text"], add_special=False, parse_special=True) == p["ids"]
@@ -158,9 +175,10 @@ def test_tokenizer_matches(runtime: Any) -> None:
     assert runtime.vocab.is_eog(runtime.vocab.tokenize("<|endoftext|>", add_special=False)[0])
 
 
-def test_q8_0_keeps_top1(outdir: Path) -> None:
-    meta, g = goldens()
-    rt = open_runtime(*files(outdir, "q8_0"))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_q8_0_keeps_top1(outdir: Path, variant: str) -> None:
+    meta, g = goldens(variant)
+    rt = open_runtime(*files(outdir, "q8_0", variant))
     try:
         for name in PROMPTS:
             p = meta["prompts"][name]
@@ -170,17 +188,23 @@ def test_q8_0_keeps_top1(outdir: Path) -> None:
         rt.close()
 
 
-def test_convert_and_run_cli(tmp_path: Path) -> None:
-    """What a user does: mmchat convert on the release folder, mmchat run with an image."""
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_convert_and_run_cli(tmp_path: Path, variant: str) -> None:
+    """What a user does: mmchat convert on the release folder (the MPT one names its tower
+    with --vision-tower and its base with --llm), mmchat run with an image."""
     from typer.testing import CliRunner
 
     from mmchat.cli import app
 
     runner = CliRunner()
     out = tmp_path / "out"
-    res = runner.invoke(app, ["convert", str(RELEASE), "--outdir", str(out), "--quant", "f32"])
+    folder = VARIANTS[variant][0]
+    args = ["convert", str(folder), "--outdir", str(out), "--quant", "f32"]
+    if variant == "mpt":
+        args += ["--vision-tower", str(TOWER), "--llm", str(folder / "mpt_base")]
+    res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
-    text = next(out.glob("of_tiny-*.gguf"))
+    text = next(out.glob(f"{folder.name}-*.gguf"))
     mmproj = next(out.glob("mmproj-*.gguf"))
     img = tmp_path / "img.png"
     shutil.copy(ROOT / "images" / "landscape.png", img)
@@ -198,7 +222,7 @@ def test_template_writes_completion_chunks(outdir: Path) -> None:
     m = load_model(text, mmproj=mmproj)
     try:
         img = ROOT / "images" / "landscape.png"
-        msgs = [
+        msgs: list[dict[str, Any]] = [
             {"role": "user", "content": "An image of", "images": [img]},
             {"role": "assistant", "content": "two cats."},
             {"role": "user", "content": "An image of", "images": [img]},

@@ -16,7 +16,7 @@ Facts from open_flamingo 2.0.1 kept here: a block runs before decoder layer ``i`
 ``(i + 1) % cross_attn_every_n_layers == 0``; blocks and Perceiver use 8 heads of 64;
 the tokenizer gains ``<|endofchunk|>`` and ``<image>`` (and ``<PAD>`` when it has no pad
 token), in that order, and the embeddings are resized to the new length; generation stops at
-``<|endofchunk|>``. Only the GPT-NeoX base is converted (MPT: not yet).
+``<|endofchunk|>``. Bases: GPT-NeoX and MPT (``openflamingo_lm``).
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from mmchat.errors import CorruptFileError, UserError
 
 from ..checkpoint import TensorRef, open_checkpoint
 from ..tokenizer import CONTROL
-from .base import FamilyPlan, TensorJob, TextHParams, expect_shape, job, read_json, read_json_opt
+from .base import FamilyPlan, TensorJob, expect_shape, job, read_json, read_json_opt
 from .clip import VisionHParams
-from .openflamingo_parts import find_tower, rows_of, split_rows, tower_plan
+from .openflamingo_lm import BASES, LAYERS, base_plan, fit_vocab
+from .openflamingo_parts import find_tower, split_rows, tower_plan
 from .original_files import OriginalFiles, torch_refs
 from .qwen2_text import load_bpe_vocab
 
@@ -117,27 +118,27 @@ def _lang_name(name: str) -> tuple[str, int, str] | None:
     if not name.startswith("lang_encoder."):
         return None
     rest = name[len("lang_encoder.") :]
-    m = re.fullmatch(
-        r"gpt_neox\.layers\.(\d+)\.gated_cross_attn_layer\.(.+)", rest
-    ) or re.fullmatch(r"gated_cross_attn_layers\.(\d+)\.(.+)", rest)
+    layers = "|".join(re.escape(v) for v in LAYERS.values())
+    m = re.fullmatch(rf"(?:{layers})\.(\d+)\.gated_cross_attn_layer\.(.+)", rest)
+    m = m or re.fullmatch(r"gated_cross_attn_layers\.(\d+)\.(.+)", rest)
     if m:
         return "xattn", int(m.group(1)), m.group(2)
-    m = re.fullmatch(
-        r"(?:gpt_neox\.layers|old_decoder_blocks)\.(\d+)\.(?:decoder_layer\.)?(.+)", rest
-    )
-    if m:
-        return "base", -1, f"gpt_neox.layers.{m.group(1)}.{m.group(2)}"
+    m = re.fullmatch(rf"({layers})\.(\d+)\.decoder_layer\.(.+)", rest)
+    if m:  # a full save: the FlamingoLayer's wrapped decoder layer
+        return "base", -1, f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
+    if rest.startswith("old_decoder_blocks."):
+        return None  # the same tensors again, under the layers' names
     return "base", -1, rest
 
 
-def _gpt_neox_folder(files: OriginalFiles, folder: Path) -> Path:
+def _base_folder(files: OriginalFiles, folder: Path) -> Path:
     given = files.overrides.get("llm")
     if given is not None:
         return given
     found = [
         sub
         for sub in sorted(p for p in folder.iterdir() if p.is_dir())
-        if read_json_opt(sub / "config.json").get("model_type") in ("gpt_neox", "mpt", "mosaic_gpt")
+        if read_json_opt(sub / "config.json").get("model_type") in (*BASES, "mosaic_gpt")
     ]
     if len(found) != 1:
         what = "none" if not found else ", ".join(p.name for p in found)
@@ -187,13 +188,10 @@ class OpenFlamingo:
         self, folder: Path, config: dict[str, Any], *, vision_tower: Path | None
     ) -> FamilyPlan:
         self.files.refuse_unused(self.parts, "OpenFlamingo")
-        llm = _gpt_neox_folder(self.files, folder)
+        llm = _base_folder(self.files, folder)
         lcfg = read_json(llm / "config.json")
-        if lcfg.get("model_type") != "gpt_neox":
-            raise UserError(
-                f"OpenFlamingo on a {lcfg.get('model_type')!r} base ({llm.name}) is not supported "
-                "yet: mmchat converts the GPT-NeoX (RedPajama-INCITE) models"
-            )
+        if lcfg.get("model_type") not in BASES:
+            base_plan({}, lcfg, llm)  # the clear error for another base
         trained = torch_refs(folder / CHECKPOINT)
         base: dict[str, TensorRef] = dict(open_checkpoint(llm).refs)
         xattn: dict[int, dict[str, TensorRef]] = {}
@@ -216,15 +214,15 @@ class OpenFlamingo:
                 "is not an OpenFlamingo checkpoint"
             )
         notes: list[str] = []
-        text_hp, text_jobs = _neox_plan(base, lcfg, llm)
+        lm = base_plan(base, lcfg, llm)
+        text_hp, text_jobs = lm.hp, lm.jobs
         ids, n_tok, has_pad = _tokens(llm)
         extra = [EOC, IMAGE] + ([] if has_pad else [PAD])
         for t in extra:
             if t not in ids:
                 ids[t] = n_tok
                 n_tok += 1
-        text_hp.n_vocab = n_tok
-        _fit_vocab(text_jobs, base, n_tok, text_hp.n_embd)
+        fit_vocab(lm, base, n_tok)
         every_n = min(xattn) + 1
         want = {i for i in range(text_hp.n_layer) if (i + 1) % every_n == 0}
         if set(xattn) != want:
@@ -237,7 +235,7 @@ class OpenFlamingo:
         x_jobs, x_heads = _xattn_jobs(xattn, text_hp.n_embd, vit.n_embd)
         text_jobs += x_jobs
         text_kv: list[tuple[str, Any]] = [
-            ("gptneox.use_parallel_residual", bool(lcfg.get("use_parallel_residual", True))),
+            *lm.kv,
             ("openflamingo.cross_attention.head_count", x_heads),
             ("openflamingo.cross_attention.head_dim", HEAD_DIM),
             ("openflamingo.cross_attn_every_n_layers", every_n),
@@ -284,114 +282,6 @@ def _need(refs: dict[str, TensorRef], name: str, what: str) -> TensorRef:
     if name not in refs:
         raise CorruptFileError(f"The checkpoint has no tensor {name!r} ({what})")
     return refs[name]
-
-
-def _neox_plan(
-    base: dict[str, TensorRef], cfg: dict[str, Any], llm: Path
-) -> tuple[TextHParams, list[TensorJob]]:
-    """GPT-NeoX in llama.cpp's gptneox names, the fused QKV split into Q, K, V."""
-    try:
-        E = int(cfg["hidden_size"])
-        L = int(cfg["num_hidden_layers"])
-        H = int(cfg["num_attention_heads"])
-        F = int(cfg.get("intermediate_size") or 4 * E)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CorruptFileError(f"{llm / 'config.json'} lacks {exc}") from None
-    act = str(cfg.get("hidden_act", "gelu"))
-    if act != "gelu":
-        raise UserError(f"GPT-NeoX with hidden_act {act!r} is not supported (gelu is)")
-    if E % H:
-        raise CorruptFileError(f"hidden_size {E} is not a multiple of {H} heads")
-    D = E // H
-    # transformers < 5 writes rotary_pct / rotary_emb_base, 5.x rope_parameters
-    rope = cfg.get("rope_parameters") or {}
-    rope = rope if isinstance(rope, dict) else {}
-    pct = float(cfg.get("rotary_pct") or rope.get("partial_rotary_factor") or 1.0)
-    theta = float(cfg.get("rotary_emb_base") or rope.get("rope_theta") or 10000.0)
-    jobs: list[TensorJob] = []
-
-    def put(gg: str, hf: str, shape: tuple[int, ...]) -> None:
-        ref = _need(base, hf, "GPT-NeoX")
-        expect_shape(ref, shape, gg)
-        jobs.append(job(gg, ref))
-
-    put(
-        "token_embd.weight",
-        "gpt_neox.embed_in.weight",
-        tuple(base["gpt_neox.embed_in.weight"].shape),
-    )
-    put("output_norm.weight", "gpt_neox.final_layer_norm.weight", (E,))
-    put("output_norm.bias", "gpt_neox.final_layer_norm.bias", (E,))
-    out = "embed_out.weight"
-    if out not in base:
-        raise UserError("GPT-NeoX with tied input/output embeddings is not supported")
-    put("output.weight", out, tuple(base[out].shape))
-    for i in range(L):
-        p, b = f"gpt_neox.layers.{i}.", f"blk.{i}."
-        for hf, gg in (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm")):
-            put(b + gg + ".weight", p + hf + ".weight", (E,))
-            put(b + gg + ".bias", p + hf + ".bias", (E,))
-        for kind, shape in (("weight", (3 * E, E)), ("bias", (3 * E,))):
-            ref = _need(base, p + "attention.query_key_value." + kind, f"layer {i} QKV")
-            expect_shape(ref, shape, f"layer {i} QKV")
-            # rows are [head][q|k|v][head_dim]: take each third per head
-            for j, gg in enumerate(("attn_q", "attn_k", "attn_v")):
-                jobs.append(_qkv_part(ref, j, H, D, b + gg + "." + kind))
-        put(b + "attn_output.weight", p + "attention.dense.weight", (E, E))
-        put(b + "attn_output.bias", p + "attention.dense.bias", (E,))
-        put(b + "ffn_up.weight", p + "mlp.dense_h_to_4h.weight", (F, E))
-        put(b + "ffn_up.bias", p + "mlp.dense_h_to_4h.bias", (F,))
-        put(b + "ffn_down.weight", p + "mlp.dense_4h_to_h.weight", (E, F))
-        put(b + "ffn_down.bias", p + "mlp.dense_4h_to_h.bias", (E,))
-    hp = TextHParams(
-        n_vocab=int(base["gpt_neox.embed_in.weight"].shape[0]),
-        n_embd=E,
-        n_ff=F,
-        n_layer=L,
-        n_head=H,
-        n_head_kv=H,
-        head_dim=D,
-        n_ctx=int(cfg.get("max_position_embeddings", 2048)),
-        rms_eps=float(cfg.get("layer_norm_eps", 1e-5)),
-        rope_theta=theta,
-        gguf_arch="gptneox",
-        rope_dim=int(D * pct),
-    )
-    return hp, jobs
-
-
-def _qkv_part(ref: TensorRef, j: int, n_head: int, head_dim: int, name: str) -> TensorJob:
-    def load() -> Any:
-        arr = ref.load().astype("float32")
-        arr = arr.reshape(n_head, 3, head_dim, *arr.shape[1:])[:, j]
-        return arr.reshape(n_head * head_dim, *arr.shape[2:]).copy()
-
-    shape = (n_head * head_dim, *ref.shape[1:])
-    return TensorJob(name, shape, ref.nbytes // 3, load)
-
-
-def _fit_vocab(
-    jobs: list[TensorJob], base: dict[str, TensorRef], n_vocab: int, n_embd: int
-) -> None:
-    """Input and output embeddings of exactly ``n_vocab`` rows, as resize_token_embeddings
-    leaves them: checkpoint.pt's (already resized) or the base's first rows."""
-    for k, jb in enumerate(jobs):
-        src = {
-            "token_embd.weight": "gpt_neox.embed_in.weight",
-            "output.weight": "embed_out.weight",
-        }.get(jb.name)
-        if src is None:
-            continue
-        ref = base[src]
-        if ref.shape[0] < n_vocab:
-            raise UserError(
-                f"{src} has {ref.shape[0]} rows but the tokenizer with OpenFlamingo's tokens has "
-                f"{n_vocab}: checkpoint.pt must hold the resized embeddings"
-            )
-        if ref.shape[0] > n_vocab:
-            ref = rows_of(ref, 0, n_vocab)
-        expect_shape(ref, (n_vocab, n_embd), src)
-        jobs[k] = job(jb.name, ref)
 
 
 def _xattn_jobs(

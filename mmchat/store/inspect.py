@@ -176,7 +176,7 @@ def check_projector(info: GGUFInfo) -> None:
         raise UserError(f"{info.path} has neither a vision nor an audio encoder")
 
 
-CROSS_ATTENTION_PROJECTORS = ("idefics",)
+CROSS_ATTENTION_PROJECTORS = ("idefics", "openflamingo")
 
 
 def check_pair(model: GGUFInfo, mmproj: GGUFInfo | None) -> None:

@@ -464,9 +464,9 @@ def open_vision(
             cache=cache,
             disk_cache=disk_cache,
         )
-    if proj == "idefics":  # IDEFICS v1: rows for the decoder's cross-attention (issue 18)
+    if proj in ("idefics", "openflamingo"):  # rows for the decoder's cross-attention (issue 18)
         if engine not in (None, "mmvision"):
-            raise UserError("projector type 'idefics' runs on mmvision only")
+            raise UserError(f"projector type '{proj}' runs on mmvision only")
         from mmchat.runtime.flamingo import IdeficsEngine
 
         return IdeficsEngine(

@@ -45,13 +45,13 @@ struct Graph {
 
 // q [DH, NH, NT], k/v [DH, NKV_H, NK] (views) -> [DH*NH, NT]
 ggml_tensor * attend(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * mask,
-                     float scale) {
+                     float scale, float max_bias = 0.0f) {
     const int64_t DH = q->ne[0], NH = q->ne[1], NT = q->ne[2];
     q = ggml_permute(ctx, q, 0, 2, 1, 3);                       // [DH, NT, NH]
     k = ggml_permute(ctx, k, 0, 2, 1, 3);                       // [DH, NK, NKV_H]
     ggml_tensor * vt = ggml_cont(ctx, ggml_permute(ctx, v, 1, 2, 0, 3));  // [NK, DH, NKV_H]
     ggml_tensor * kq = ggml_mul_mat(ctx, k, q);                 // [NK, NT, NH]
-    kq = ggml_soft_max_ext(ctx, kq, mask, scale, 0.0f);
+    kq = ggml_soft_max_ext(ctx, kq, mask, scale, max_bias);  // max_bias > 0: ALiBi (mask holds -distance)
     ggml_tensor * kqv = ggml_mul_mat(ctx, vt, kq);              // [DH, NT, NH]
     kqv = ggml_permute(ctx, kqv, 0, 2, 1, 3);                   // [DH, NH, NT]
     return ggml_cont_2d(ctx, kqv, DH * NH, NT);
@@ -81,7 +81,8 @@ ggml_tensor * self_attention(ggml_context * ctx, mmd_context & c, int32_t il, gg
                                        static_cast<size_t>(in.cell0) * kc->nb[1]);
     ggml_tensor * vview = ggml_view_3d(ctx, vc, DH, NHKV, in.n_kv, ggml_row_size(vc->type, DH), vc->nb[1],
                                        static_cast<size_t>(in.cell0) * vc->nb[1]);
-    return attend(ctx, q, kview, vview, in.mask, 1.0f / std::sqrt(static_cast<float>(DH)));
+    const float scale = hp.attn_scale > 0.f ? hp.attn_scale : 1.0f / std::sqrt(static_cast<float>(DH));
+    return attend(ctx, q, kview, vview, in.mask, scale, hp.alibi_max_bias);
 }
 
 ggml_tensor * cross_attention(ggml_context * ctx, mmd_context & c, int32_t xb, ggml_tensor * q, const StepInputs & in) {
@@ -148,7 +149,11 @@ Graph build(mmd_context & c, const Batch & b, int32_t n_kv) {
     x = hp.arch == Arch::Idefics ? idefics_layers(ctx, c, x, in) : openflamingo_layers(ctx, c, x, in);
     if (b.logits) {
         ggml_tensor * last = ggml_view_2d(ctx, x, E, 1, x->nb[1], static_cast<size_t>(NT - 1) * x->nb[1]);
-        g.out = ggml_mul_mat(ctx, m.output, norm(ctx, last, m.output_norm, m.output_norm_b, hp.rms_eps));
+        ggml_tensor * h = hp.arch == Arch::OpenFlamingo  // LayerNorm (bias optional: MPT has none)
+                              ? ggml_mul(ctx, ggml_norm(ctx, last, hp.rms_eps), m.output_norm)
+                              : norm(ctx, last, m.output_norm, nullptr, hp.rms_eps);
+        if (hp.arch == Arch::OpenFlamingo && m.output_norm_b) h = ggml_add(ctx, h, m.output_norm_b);
+        g.out = ggml_mul_mat(ctx, m.output, h);
     } else {
         g.out = x;
     }
@@ -222,7 +227,7 @@ mmv_status decode(mmd_context & c, Batch & b) {
     const size_t NT = static_cast<size_t>(b.n);
     if (b.tokens) ggml_backend_tensor_set(g.inp, b.tokens, 0, NT * sizeof(int32_t));
     else ggml_backend_tensor_set(g.inp, b.embd, 0, NT * static_cast<size_t>(m.hp.n_embd) * sizeof(float));
-    ggml_backend_tensor_set(g.pos, b.pos, 0, NT * sizeof(int32_t));
+    if (g.pos->buffer) ggml_backend_tensor_set(g.pos, b.pos, 0, NT * sizeof(int32_t));  // unused without rope (MPT)
     std::vector<int64_t> idx(NT);
     for (size_t i = 0; i < NT; ++i) idx[i] = static_cast<int64_t>(b.seq) * c.params.n_ctx + b.pos[i];
     ggml_backend_tensor_set(g.kv_idx, idx.data(), 0, NT * sizeof(int64_t));
@@ -234,7 +239,11 @@ mmv_status decode(mmd_context & c, Batch & b) {
     std::vector<float> mask(static_cast<size_t>(n_kv) * NT, ninf);
     for (size_t i = 0; i < NT; ++i)
         for (int32_t p = 0; p <= b.pos[i]; ++p)
-            if (visible[static_cast<size_t>(p)]) mask[i * static_cast<size_t>(n_kv) + static_cast<size_t>(p)] = 0.f;
+            if (visible[static_cast<size_t>(p)]) {
+                // ALiBi (MPT): the mask carries -(distance), ggml scales it by each head's slope
+                const float d = m.hp.alibi_max_bias > 0.f ? -static_cast<float>(b.pos[i] - p) : 0.f;
+                mask[i * static_cast<size_t>(n_kv) + static_cast<size_t>(p)] = d;
+            }
     ggml_backend_tensor_set(g.mask, mask.data(), 0, mask.size() * sizeof(float));
     if (b.n_xrows > 0) {
         const size_t R = static_cast<size_t>(b.n_xrows);

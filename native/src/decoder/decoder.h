@@ -5,7 +5,7 @@
 // the keys/values of an image for its blocks:
 //   idefics.cpp       IDEFICS v1: Llama layers, IdeficsGatedCrossAttentionLayer before layer
 //                     i when i % cross_layer_interval == 0 (docs/idefics-gguf.md)
-//   openflamingo.cpp  OpenFlamingo: GPT-NeoX layers, open_flamingo's GatedCrossAttentionBlock
+//   openflamingo.cpp  OpenFlamingo: GPT-NeoX or MPT layers, open_flamingo's GatedCrossAttentionBlock
 //                     before layer i when (i + 1) % cross_attn_every_n_layers == 0
 //                     (docs/openflamingo-gguf.md)
 // Where a block sits is the converter's business: blk.{i}.xattn_* tensors are the block run
@@ -26,6 +26,8 @@
 namespace mmd {
 
 enum class Arch { Idefics, OpenFlamingo };
+// OpenFlamingo's base LLM: GPT-NeoX (RedPajama-INCITE) or MPT (transformers' MptForCausalLM)
+enum class Base { Llama, NeoX, Mpt };
 
 // A decoder layer; the biases and norm biases are null where an architecture has none
 // (Llama: RMS norms, no biases; GPT-NeoX: LayerNorms and biases everywhere, no gate).
@@ -74,6 +76,7 @@ struct XBlock {
 
 struct Hparams {
     Arch arch = Arch::Idefics;
+    Base base = Base::Llama;
     int32_t n_vocab = 0, n_embd = 0, n_layer = 0, n_head = 0, n_head_kv = 0, head_dim = 0, n_ff = 0;
     int32_t n_ctx_train = 0, n_embd_image = 0;
     float rms_eps = 1e-6f;
@@ -81,6 +84,9 @@ struct Hparams {
     float rope_scale = 1.f;  // ggml freq_scale (1 / linear factor)
     int32_t rope_dim = 0;    // rotated dims per head (GPT-NeoX rotary_pct); head_dim for Llama
     bool parallel_residual = false;  // GPT-NeoX use_parallel_residual
+    float alibi_max_bias = 0.f;      // > 0: ALiBi instead of rope (MPT alibi_bias_max)
+    float clip_qkv = 0.f;            // > 0: QKV clamped to [-clip, clip] (MPT clip_qkv)
+    float attn_scale = 0.f;          // self-attention scale; 0: 1/sqrt(head_dim)
     int32_t x_n_head = 0, x_head_dim = 0;  // the cross-attention's heads (inner width)
     int32_t n_embd_kv() const { return n_head_kv * head_dim; }
     int32_t n_embd_x() const { return x_n_head * x_head_dim; }

@@ -52,11 +52,11 @@ class DecoderLoader {
         const std::string arch = w.get_str("general.architecture", "");
         if (arch == "llama") {
             load_idefics(w, *m_, path_);
-        } else if (arch == "gptneox") {
+        } else if (arch == "gptneox" || arch == "mpt") {
             load_openflamingo(w, *m_, path_);
         } else {
             format_error(path_ + " is not a cross-attention text model mmchat converted: its architecture is '" +
-                         arch + "' (IDEFICS: 'llama', OpenFlamingo: 'gptneox')");
+                         arch + "' (IDEFICS: 'llama', OpenFlamingo: 'gptneox' or 'mpt')");
         }
     }
 
