@@ -433,3 +433,30 @@ def test_lavis_t5_checkpoint_with_a_vicuna_folder_is_refused(tmp_path: Path) -> 
     (src / "flan-t5-xl" / "config.json").write_text(json.dumps(cfg | {"model_type": "llama"}))
     with pytest.raises(UserError, match="Flan-T5 folder"):
         _lavis_convert(src, tmp_path / "o")
+
+
+def test_generated_tokens_reused_as_encoder_input_match_a_fresh_evaluation() -> None:
+    """A prompt that continues after generated tokens (cells the decoder produced) reuses
+    them as encoder input; one that diverges inside them cuts the decoder: both give what a
+    fresh evaluation of the same prompt gives."""
+    meta, g = goldens()
+    rows = g["blip2_t5/landscape/rows"]
+    ids = meta["models"]["blip2_t5"]["input_ids"][8:-1]  # without </s>
+    with load_model(converted("blip2_t5")[0], None, OPTS) as lm:
+        lm.evaluate_ids([rows, ids])
+        gen = []
+        with lm.lock:
+            for _ in range(3):
+                gen.append(int(np.argmax(lm.logits())))
+                lm.decode_token(gen[-1])
+        assert lm.ctx.encoder_cells == 8 + len(ids)
+        for prompt in ([rows, ids + gen + [5, 1]], [rows, ids + gen[:1] + [7, 1]]):
+            reused = lm.evaluate_ids(prompt, reuse_cache=True)
+            n_kept = lm.last_run.cached if lm.last_run else 0
+            assert n_kept >= 8 + len(ids) + 1  # the rows, the text and generated tokens
+            fresh = lm.evaluate_ids(prompt)
+            assert rel_l2(reused.logits, fresh.logits) < 1e-5
+            lm.evaluate_ids([rows, ids])  # back to the state after the prompt
+            with lm.lock:
+                for t in gen:
+                    lm.decode_token(t)
