@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,87 @@ def test_template_writes_completion_chunks(outdir: Path) -> None:
         assert segs[1] == meta["prompts"]["one_image"]["ids"][1:5]  # "An image of"
     finally:
         m.close()
+
+
+OPTS_KW: dict[str, Any] = {"n_ctx": 512, "n_threads": 2, "kv_cache_type": "f32"}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_chat_path_matches_open_flamingo(outdir: Path, variant: str) -> None:
+    """load_model picks the cross-attention decoder; a user message with an image is the
+    one-image golden prompt ("<image>An image of a cat") and gives its logits."""
+    from mmchat.runtime import LoadOptions, Message
+    from mmchat.runtime.loader import load_model
+
+    meta, g = goldens(variant)
+    p = meta["prompts"]["one_image"]
+    with load_model(*files(outdir, variant=variant), LoadOptions(**OPTS_KW)) as lm:
+        assert lm.describe()["description"].startswith("openflamingo")
+        img = load_image(ROOT / "images" / "landscape.png")
+        ev = lm.evaluate([Message("user", "An image of a cat", [img])])
+        assert ev.token_ids == [t for t in p["ids"] if t != meta["image_token"]]
+        assert rel_l2(ev.logits, g["logits_one_image"]) < 1e-4
+
+
+def test_two_turns_reuse_the_prefix(outdir: Path) -> None:
+    """A second turn reuses the first one's cells (image rows not encoded again) and gives
+    what a fresh evaluation of the same conversation gives."""
+    from mmchat.runtime import LoadOptions, SamplingParams
+    from mmchat.runtime.loader import load_model
+
+    with load_model(*files(outdir), LoadOptions(**OPTS_KW)) as lm:
+        chat = lm.session(params=SamplingParams(temperature=0, max_tokens=4, seed=1))
+        chat.ask("An image of", [load_image(ROOT / "images" / "landscape.png")])
+        encodes = lm.vision.encode_count
+        chat.ask("And another", [load_image(ROOT / "images" / "portrait.png")])
+        st = chat.last_stats
+        assert st is not None and lm.vision.encode_count == encodes + 1
+        assert st.cached_tokens > 0 and st.prompt_eval_tokens < st.prompt_tokens
+        msgs = chat.messages[:-1]
+        with lm.lock:
+            lm.run_prompt(lm.build_prompt(msgs))
+            reused = lm.logits()
+        fresh = lm.evaluate(msgs)
+        assert rel_l2(reused, fresh.logits) < 1e-4
+
+
+def test_server_answers_one_and_two_at_once(outdir: Path, tmp_path: Path) -> None:
+    from test_serve import start_server
+
+    from mmchat.runtime import LoadOptions
+    from mmchat.store import Store
+
+    model, mmproj = files(outdir)
+    store = Store(tmp_path)
+    store.register("openflamingo", model=model, mmproj=mmproj)
+    image = str(ROOT / "images" / "landscape.png")
+    prompts = ["An image of", "A photo of", "It shows", "Look at this:"]
+    opts = LoadOptions(**OPTS_KW)
+
+    def ask(srv: Any, text: str) -> str:
+        msg = {"role": "user", "content": text, "images": [image]}
+        o = {"temperature": 0, "num_predict": 6, "seed": 1}
+        return srv.ollama().chat("openflamingo", [msg], options=o).message.content or ""
+
+    one = start_server(store, parallel=1, load_options=opts)
+    try:
+        alone = [ask(one, p) for p in prompts]
+    finally:
+        one.stop()
+    two = start_server(store, parallel=2, load_options=opts)
+    try:
+        got: dict[int, str] = {}
+        threads = [
+            threading.Thread(target=lambda i=i: got.__setitem__(i, ask(two, prompts[i])))
+            for i in range(len(prompts))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert [got.get(i) for i in range(len(prompts))] == alone
+    finally:
+        two.stop()
 
 
 def test_bad_files_give_one_clear_error(tmp_path: Path) -> None:

@@ -87,7 +87,9 @@ class VocabModel(TextModel):
 
     def desc(self) -> str:
         n_layer = self.meta(f"{self.arch}.block_count") or "?"
-        family = {"llama": "idefics", "gptneox": "openflamingo"}.get(self.arch, self.arch)
+        family = {"llama": "idefics", "gptneox": "openflamingo", "mpt": "openflamingo"}.get(
+            self.arch, self.arch
+        )
         return f"{family} {n_layer} layers, {self.n_embd} wide (cross-attention decoder)"
 
 
