@@ -196,12 +196,56 @@ def read_sentencepiece_normalizer(path: Path) -> SentencePieceNormalizer:
     return out
 
 
+def _unigram_of_tokenizer_json(tj: dict[str, Any], path: Path) -> SentencePieceModel:
+    """A ``Unigram`` tokenizer.json (T5's, as transformers 5 saves it without spiece.model):
+    pieces with their scores; ``<unk>`` unknown, the special added tokens control."""
+    try:
+        entries = [(str(p), float(sc)) for p, sc in tj["model"]["vocab"]]
+        unk_id = int(tj["model"].get("unk_id", 0) or 0)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptFileError(f"{path} is not a valid Unigram tokenizer.json: {exc}") from exc
+    specials = {
+        t.get("id") for t in tj.get("added_tokens", []) if isinstance(t, dict) and t.get("special")
+    }
+    types = [CONTROL if i in specials else NORMAL for i in range(len(entries))]
+    if 0 <= unk_id < len(types):
+        types[unk_id] = UNKNOWN
+    sp = SentencePieceModel([p for p, _ in entries], [sc for _, sc in entries], types)
+    sp.unk_id, sp.bos_id, sp.eos_id = unk_id, -1, -1
+    return sp
+
+
+def unigram_normalizer_of_tokenizer_json(path: Path) -> SentencePieceNormalizer:
+    """The ``SentencePieceNormalizer`` a ``Unigram`` tokenizer.json implies: its
+    ``Precompiled`` charsmap, a dummy prefix when its Metaspace prepends "▁", and extra
+    whitespace removed when it splits on whitespace (T5's WhitespaceSplit)."""
+    import base64
+
+    tj = _read_json(path)
+    if (tj.get("model") or {}).get("type") != "Unigram":
+        return SentencePieceNormalizer(unigram=False, precompiled_charsmap=b"")
+    charsmap = b""
+    for norm in _walk(tj.get("normalizer"), "normalizers"):
+        if norm.get("type") == "Precompiled" and norm.get("precompiled_charsmap"):
+            charsmap = base64.b64decode(str(norm["precompiled_charsmap"]))
+    pres = _walk(tj.get("pre_tokenizer"), "pretokenizers")
+    prefix, _ = prefix_rule_of_tokenizer_json(tj)
+    return SentencePieceNormalizer(
+        unigram=True,
+        precompiled_charsmap=charsmap,
+        add_dummy_prefix=prefix is not False,
+        remove_extra_whitespaces=any(p.get("type") == "WhitespaceSplit" for p in pres),
+    )
+
+
 def _from_tokenizer_json(path: Path) -> SentencePieceModel:
     try:
         tj = json.loads(path.read_text(encoding="utf-8"))
         model = tj["model"]
+        if model.get("type") == "Unigram":
+            return _unigram_of_tokenizer_json(tj, path)
         vocab: dict[str, int] = model["vocab"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptFileError(f"{path} is not a valid tokenizer.json: {exc}") from exc
     if model.get("type") != "BPE" or not model.get("byte_fallback"):
         raise UserError(

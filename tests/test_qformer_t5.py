@@ -295,7 +295,21 @@ def test_bad_t5_checkpoints(tmp_path: Path) -> None:
     _convert_fails(src, tmp_path / "o2", "gated-silu")
     _edit_config(src, feed_forward_proj="gated-gelu", dense_act_fn="gelu")
     (src / "spiece.model").unlink()
+    (src / "tokenizer.json").unlink()
     _convert_fails(src, tmp_path / "o3", "spiece.model")
+
+
+def test_tokenizer_json_alone_gives_the_same_file(tmp_path: Path) -> None:
+    """A folder saved by transformers 5 has tokenizer.json but no spiece.model: its Unigram
+    vocabulary, scores, charsmap and whitespace rules give a byte-identical text GGUF."""
+    from mmchat.converters import convert
+
+    src = tmp_path / "tj"
+    shutil.copytree(ROOT / "blip2_t5", src)
+    (src / "spiece.model").unlink()
+    a = convert(src, outdir=tmp_path / "a", name="same", quant="f32", vision_quant="f32")
+    b = convert(ROOT / "blip2_t5", outdir=tmp_path / "b", name="same", quant="f32")
+    assert a.model_path.read_bytes() == b.model_path.read_bytes()
 
 
 def _wider_t5(src: Path, dst: Path, width: int) -> None:

@@ -26,7 +26,12 @@ from typing import Any
 from mmchat.errors import CorruptFileError, UserError
 
 from ..checkpoint import Checkpoint, TensorRef
-from ..tokenizer import Vocab, load_vocab, read_sentencepiece_normalizer
+from ..tokenizer import (
+    Vocab,
+    load_vocab,
+    read_sentencepiece_normalizer,
+    unigram_normalizer_of_tokenizer_json,
+)
 from .base import TensorJob, TextHParams, count_layers, expect_shape, job, require
 
 REL_BIAS = "0.SelfAttention.relative_attention_bias.weight"  # in block 0 only
@@ -215,18 +220,23 @@ def t5_text_plan(
 def t5_vocab(
     folder: Path, *, vocab_size: int, config_ids: dict[str, int | None], template: str
 ) -> tuple[Vocab, bool, list[tuple[str, Any]]]:
-    """The Unigram vocabulary of ``folder/spiece.model`` (+ added tokens such as
-    ``<image>``) for llama.cpp's ``t5`` tokenizer: the vocabulary, ``add_space_prefix`` and
-    the extra tokenizer metadata (scores, charsmap, whitespace rule)."""
+    """The Unigram vocabulary of ``folder/spiece.model`` (or, without one, of its Unigram
+    ``tokenizer.json``; + added tokens such as ``<image>``) for llama.cpp's ``t5``
+    tokenizer: the vocabulary, ``add_space_prefix`` and the extra tokenizer metadata
+    (scores, charsmap, whitespace rule)."""
     spm = folder / "spiece.model"
     if not spm.is_file():
         spm = folder / "tokenizer.model"
-    if not spm.is_file():
+    if spm.is_file():
+        norm = read_sentencepiece_normalizer(spm)
+    elif (folder / "tokenizer.json").is_file():  # transformers 5 saves no spiece.model
+        spm = folder / "tokenizer.json"
+        norm = unigram_normalizer_of_tokenizer_json(spm)
+    else:
         raise UserError(
-            f"{folder} has no spiece.model: the Flan-T5 vocabulary is read from its "
-            "SentencePiece model"
+            f"{folder} has no spiece.model or tokenizer.json: the Flan-T5 vocabulary is read "
+            "from its SentencePiece model"
         )
-    norm = read_sentencepiece_normalizer(spm)
     if not norm.unigram:
         raise UserError(f"{spm.name} is not a Unigram SentencePiece model (T5's tokenizer)")
     vocab = load_vocab(
