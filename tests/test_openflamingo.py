@@ -239,6 +239,27 @@ def test_template_writes_completion_chunks(outdir: Path) -> None:
         m.close()
 
 
+def test_hugging_face_clip_folder_gives_the_same_tower(outdir: Path, tmp_path: Path) -> None:
+    """--vision-tower may name a Hugging Face CLIP folder (openai/clip-vit-large-patch14's
+    layout) instead of open_clip's weights: the vision file holds the same tensors."""
+    from gguf import GGUFReader
+    from mmchat.converters import convert
+
+    _, ref_path = files(outdir)
+    r = convert(
+        RELEASE,
+        outdir=tmp_path,
+        quant="f32",
+        vision_quant="f32",
+        vision_tower=RELEASE / "clip_hf",
+    )
+    ref = {t.name: np.array(t.data) for t in GGUFReader(ref_path).tensors}
+    got = {t.name: np.array(t.data) for t in GGUFReader(r.mmproj_path).tensors}
+    assert sorted(got) == sorted(ref)
+    for name, arr in ref.items():
+        assert np.array_equal(got[name], arr), name
+
+
 OPTS_KW: dict[str, Any] = {"n_ctx": 512, "n_threads": 2, "kv_cache_type": "f32"}
 
 
