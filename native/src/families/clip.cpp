@@ -124,16 +124,19 @@ class ClipFamily final : public Family {
         emb = ggml_view_3d(ctx, emb, emb->ne[0], NP, B, emb->nb[1], emb->nb[2], emb->nb[1]);
         emb = ggml_cont(ctx, emb);
 
-        if (down_proj_) return downsample_projector(ctx, hp, emb);
-        emb = apply(ctx, mm_a_, emb);
+        // the projector's GELU is exact whatever fast_math says (as the projector is trained)
+        Arith pr = ar;
+        pr.fast_math = false;
+        if (down_proj_) return downsample_projector(ctx, hp, emb, pr);
+        emb = apply(ctx, mm_a_, emb, pr);
         if (linear_proj_) return emb;
         if (deep_proj_) {
-            for (const Linear & l : mm_deep_) emb = apply(ctx, l, gelu(ctx, emb, false));
+            for (const Linear & l : mm_deep_) emb = apply(ctx, l, gelu(ctx, emb, pr), pr);
             return emb;
         }
         if (norm_proj_) emb = apply(ctx, mm_norm1_, emb, eps_);
-        emb = gelu(ctx, emb, false);
-        emb = apply(ctx, mm_b_, emb);
+        emb = gelu(ctx, emb, pr);
+        emb = apply(ctx, mm_b_, emb, pr);
         if (norm_proj_) emb = apply(ctx, mm_norm2_, emb, eps_);
         return emb;
     }
@@ -141,7 +144,8 @@ class ClipFamily final : public Family {
   private:
     // NeMo's DownSampleBlock: [W, g*g, B] -> [4W, (g/2)^2, B]; row k = (j, m) with j (the
     // column pair) slowest holds patches (2m, 2j), (2m, 2j+1), (2m+1, 2j), (2m+1, 2j+1).
-    ggml_tensor * downsample_projector(ggml_context * ctx, const Hparams & hp, ggml_tensor * emb) const {
+    ggml_tensor * downsample_projector(ggml_context * ctx, const Hparams & hp, ggml_tensor * emb,
+                                       const Arith & pr) const {
         const int64_t W = emb->ne[0], g = hp.grid(), B = emb->ne[2], h = (g + 1) / 2;
         ggml_tensor * x = ggml_reshape_4d(ctx, emb, W, g, g, B);  // [W, col, row, B]
         if (g % 2) x = ggml_pad(ctx, x, 0, 1, 1, 0);
@@ -151,9 +155,9 @@ class ClipFamily final : public Family {
         x = ggml_cont(ctx, ggml_permute(ctx, x, 0, 2, 1, 3));  // [4W, m, j, B]
         x = ggml_reshape_3d(ctx, x, 4 * W, h * h, B);
         x = apply(ctx, mm_norm1_, x, 1e-5f);  // torch.nn.LayerNorm's default eps
-        x = apply(ctx, mm_a_, x);
-        x = gelu(ctx, x, false);
-        return apply(ctx, mm_b_, x);
+        x = apply(ctx, mm_a_, x, pr);
+        x = gelu(ctx, x, pr);
+        return apply(ctx, mm_b_, x, pr);
     }
 
     void declare(WeightLoader & w, Hparams & hp, bool has_llava, bool has_feature) {
