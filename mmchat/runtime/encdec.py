@@ -78,9 +78,15 @@ class TokenRows:
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """float32 ``(len(ids), n_embd)``."""
+        if self._data is None:
+            raise RuntimeError("the token table is closed")
         raw = np.asarray(self._data[np.asarray(ids, dtype=np.int64)])
         out = self._dequantize(raw, self._type)
         return np.ascontiguousarray(out.reshape(len(ids), self.n_embd), dtype=np.float32)
+
+    def close(self) -> None:
+        """Drop the file mapping."""
+        self._data = None
 
 
 class EncoderDecoderBackend:
@@ -244,6 +250,7 @@ class EncoderDecoderBackend:
 
     def close(self) -> None:
         self.ctx.close()
+        self.table.close()
 
     # -- introspection (tests, /show) --
 
