@@ -124,6 +124,11 @@ class DecodeError(RuntimeError):
 class TextModel:
     """A loaded ``llama_model`` and its vocabulary."""
 
+    has_encoder: bool = False
+    """An encoder-decoder model (T5): prompts go through ``Context.encode_embeddings``."""
+    decoder_start: int = -1
+    """The decoder's first token of an encoder-decoder model (-1: none given)."""
+
     def __init__(
         self,
         path: str,
@@ -167,9 +172,7 @@ class TextModel:
         self.eos = int(C.llama_vocab_eos(self.vocab))
         self.add_bos = bool(C.llama_vocab_get_add_bos(self.vocab))
         self.has_encoder = bool(C.llama_model_has_encoder(ptr))
-        """An encoder-decoder model (T5): prompts go through ``Context.encode_embeddings``."""
         self.decoder_start = int(C.llama_model_decoder_start_token(ptr))
-        """The decoder's first token of an encoder-decoder model (-1: none given)."""
         self._piece_cache: dict[int, bytes] = {}
 
     @property
