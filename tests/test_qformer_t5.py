@@ -206,22 +206,30 @@ def test_one_sequence_without_scheduler() -> None:
 # --- as a user runs it ---------------------------------------------------------------------
 
 
-def test_mmchat_run_answers_about_an_image(tmp_path: Path) -> None:
-    model, mmproj = converted("blip2_t5")
-    shutil.copy(IMAGES / "landscape.png", tmp_path / "photo.png")
-    r = subprocess.run(
-        [
-            *(sys.executable, "-m", "mmchat", "run", str(model), "--mmproj", str(mmproj)),
-            *("--max-tokens", "8", "--temperature", "0", "--repeat-penalty", "1"),
-            f"{QUESTION} ./photo.png",
-        ],
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mmchat", *args],
         capture_output=True,
         text=True,
-        cwd=tmp_path,
+        cwd=cwd,
         timeout=300,
         stdin=subprocess.DEVNULL,
-        env={**os.environ, "MMCHAT_HOME": str(tmp_path / "home")},
+        env={**os.environ, "MMCHAT_HOME": str(cwd / "home")},
     )
+
+
+def test_mmchat_convert_then_run_answers_about_an_image(tmp_path: Path) -> None:
+    """As a user does it: ``mmchat convert`` (q8_0 text, f16 vision) registers the pair,
+    ``mmchat run NAME "… ./photo.png"`` answers with transformers' greedy reply."""
+    shutil.copy(IMAGES / "landscape.png", tmp_path / "photo.png")
+    src = str(ROOT / "blip2_t5")
+    conv = _cli(
+        ["convert", src, "--name", "blip2-t5", "--outdir", "out", "--quant", "q8_0"], tmp_path
+    )
+    assert conv.returncode == 0, conv.stderr
+    assert "exact GELU" in conv.stdout + conv.stderr
+    greedy = ("--max-tokens", "8", "--temperature", "0", "--repeat-penalty", "1")
+    r = _cli(["run", "blip2-t5", *greedy, f"{QUESTION} ./photo.png"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert "Added image './photo.png'" in r.stderr
     meta, _ = goldens()
