@@ -115,7 +115,7 @@ def test_pixels_and_perceiver_rows(runtime: Any) -> None:
         assert np.abs(px - g[f"pixels_{name}"]).max() < 2e-5
         rows = runtime.engine.model.encode(g[f"pixels_{name}"][None])[0]
         ref = g[f"perceiver_{name}"]
-        assert rows.shape == ref.shape == (64, 64)
+        assert rows.shape == ref.shape == (64, 32)
         assert np.abs(rows - ref).max() < 2e-3, name
 
 
@@ -178,15 +178,24 @@ def test_tokenizer_matches(runtime: Any) -> None:
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_q8_0_keeps_top1(outdir: Path, variant: str) -> None:
+    """q8_0 weights: logits close to open_flamingo's and the same top-1 wherever the golden's
+    top two are not a near tie (a random tiny model has some: text_only's margin is 0.009)."""
     meta, g = goldens(variant)
     rt = open_runtime(*files(outdir, "q8_0", variant))
+    checked = 0
     try:
         for name in PROMPTS:
             p = meta["prompts"][name]
             logits = rt.evaluate_ids(p["ids"], rows_of(rt, p["images"]))
-            assert int(np.argmax(logits)) == int(np.argmax(g[f"logits_{name}"])), name
+            ref = g[f"logits_{name}"]
+            assert rel_l2(logits, ref) < 0.05, name
+            top2 = np.sort(ref)[-2:]
+            if top2[1] - top2[0] > 0.05:
+                assert int(np.argmax(logits)) == int(np.argmax(ref)), name
+                checked += 1
     finally:
         rt.close()
+    assert checked >= 3
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
