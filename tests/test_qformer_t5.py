@@ -482,3 +482,11 @@ def test_generated_tokens_reused_as_encoder_input_match_a_fresh_evaluation() -> 
             with lm.lock:
                 for t in gen:
                     lm.decode_token(t)
+
+
+def test_image_without_question_is_a_caption_prompt() -> None:
+    """BLIP-2's captioning input (LAVIS: an empty prompt): the query rows and </s> only."""
+    with load_model(*converted("blip2_t5"), OPTS) as lm:
+        ev = lm.evaluate([{"role": "user", "content": "", "images": [image("pixel")]}])
+        assert isinstance(ev.segments[0], np.ndarray) and ev.token_ids == [1]
+        assert lm.render([{"role": "user", "content": "Hi"}]) == "Question: Hi Answer:</s>"

@@ -49,15 +49,16 @@ _PARTS = (
     "{%- endif -%}"
 )
 # The encoder input. BLIP-2 + T5: "<query rows>Question: {q} Answer:</s>" (T5's tokenizer
-# appends </s>; later turns: " {a} Question: … Answer:" before it). InstructBLIP + T5:
+# appends </s>; later turns: " {a} Question: … Answer:" before it); an image without a
+# question is "<query rows></s>", LAVIS' captioning input (its empty prompt). InstructBLIP + T5:
 # "<query rows>{instruction}</s>", turns joined by a space. No BOS (T5 has none); the
 # decoder starts from decoder_start_token_id.
 BLIP2_T5_TEMPLATE = (
     "{%- for message in messages -%}" + _PARTS + "{{- '<image>' * n_images -}}"
     "{%- if not loop.first and message['role'] != 'assistant' -%}{{- ' ' -}}{%- endif -%}"
     "{%- if message['role'] == 'system' -%}{{- text -}}"
-    "{%- elif message['role'] == 'user' -%}{{- 'Question: ' + text + ' Answer:' -}}"
-    "{%- else -%}{{- ' ' + text -}}{%- endif -%}"
+    "{%- elif message['role'] == 'user' and text -%}{{- 'Question: ' + text + ' Answer:' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- ' ' + text -}}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- eos_token -}}{%- endif -%}"
 )
