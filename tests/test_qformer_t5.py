@@ -490,3 +490,23 @@ def test_image_without_question_is_a_caption_prompt() -> None:
         ev = lm.evaluate([{"role": "user", "content": "", "images": [image("pixel")]}])
         assert isinstance(ev.segments[0], np.ndarray) and ev.token_ids == [1]
         assert lm.render([{"role": "user", "content": "Hi"}]) == "Question: Hi Answer:</s>"
+
+
+def test_scaled_decoder_output_is_folded_into_output_weight(tmp_path: Path) -> None:
+    """The original (tied) T5 scales the decoder output by d_model ** -0.5 before lm_head;
+    llama.cpp does not, so the scale goes into ``output.weight``."""
+    from gguf import GGUFReader
+    from mmchat.converters import convert
+
+    src = tmp_path / "scaled"
+    shutil.copytree(ROOT / "blip2_t5", src)
+    _edit_config(src, scale_decoder_outputs=True)
+    r = convert(src, outdir=tmp_path / "o", quant="f32", vision_quant="f32")
+
+    def tensor(path: Path, name: str) -> np.ndarray:
+        return np.array(next(t for t in GGUFReader(path).tensors if t.name == name).data)
+
+    plain = tensor(converted("blip2_t5")[0], "output.weight")
+    scaled = tensor(r.model_path, "output.weight")
+    np.testing.assert_allclose(scaled, plain * 64**-0.5, rtol=1e-6)
+    np.testing.assert_array_equal(plain, tensor(r.model_path, "token_embd.weight"))  # tied
