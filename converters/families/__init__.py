@@ -42,7 +42,8 @@ def detect_folder_family(folder: Path, overrides: Mapping[str, Path] | None = No
     """A family whose original release has no config.json (LAVIS, MiniGPT-4), by its files;
     ``overrides``: parts that are elsewhere (``OriginalFiles``)."""
     files = OriginalFiles(folder, dict(overrides or {}))
-    for fam in (*FOLDER_FAMILIES, *OPENFLAMINGO):
+    families: tuple[type[Any], ...] = (*FOLDER_FAMILIES, *OPENFLAMINGO)
+    for fam in families:
         if fam.detect_folder(files):
             return fam(files)
     raise UserError(
