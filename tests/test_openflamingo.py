@@ -29,7 +29,12 @@ RELEASE = ROOT / "of_tiny"
 TOWER = RELEASE / "clip"
 # base LLM -> (release folder, goldens stem): GPT-NeoX (OpenFlamingo-4B's RedPajama-INCITE,
 # gated blocks every 2 layers) and MPT (OpenFlamingo-9B's, every 4; its tower via --vision-tower)
-VARIANTS = {"neox": (RELEASE, "goldens"), "mpt": (ROOT / "of_mpt", "goldens_mpt")}
+VARIANTS = {
+    "neox": (RELEASE, "goldens"),
+    "mpt": (ROOT / "of_mpt", "goldens_mpt"),
+    # OpenFlamingo-3B's MosaicGPT (MPT-1B): qk LayerNorms, biases, a block before every layer
+    "mpt1b": (ROOT / "of_mpt1b", "goldens_mpt1b"),
+}
 PROMPTS = ["text_only", "one_image", "two_images", "text_before_image", "after_eoc"]
 
 pytest.importorskip("torch", reason="checkpoint.pt is a PyTorch file: converting it needs torch")
@@ -210,8 +215,8 @@ def test_convert_and_run_cli(tmp_path: Path, variant: str) -> None:
     out = tmp_path / "out"
     folder = VARIANTS[variant][0]
     args = ["convert", str(folder), "--outdir", str(out), "--quant", "f32"]
-    if variant == "mpt":
-        args += ["--vision-tower", str(TOWER), "--llm", str(folder / "mpt_base")]
+    if variant != "neox":
+        args += ["--vision-tower", str(TOWER), "--llm", str(folder / f"{variant}_base")]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     text = next(out.glob(f"{folder.name}-*.gguf"))

@@ -1,6 +1,7 @@
 """OpenFlamingo's base language models in the text GGUF: GPT-NeoX (RedPajama-INCITE, llama.cpp's
-``gptneox`` names) and MPT (transformers' ``MptForCausalLM`` names = mosaicml/mpt-7b's, llama.cpp's
-``mpt`` names); fused QKV projections are split into Q, K, V. The tensors come from the base
+``gptneox`` names) and MPT (transformers' ``MptForCausalLM`` names = mosaicml/mpt-7b's, and the
+older MosaicGPT names of mosaicml/mpt-1b-redpajama-200b; llama.cpp's ``mpt`` names); fused QKV
+projections are split into Q, K, V. The tensors come from the base
 folder's weights with ``checkpoint.pt``'s ``lang_encoder.*`` tensors laid over them (``refs``).
 Layout: docs/openflamingo-gguf.md."""
 
@@ -16,7 +17,7 @@ from ..checkpoint import TensorRef
 from .base import TensorJob, TextHParams, expect_shape, job
 from .openflamingo_parts import rows_of, split_rows
 
-BASES = ("gpt_neox", "mpt")
+BASES = ("gpt_neox", "mpt", "mosaic_gpt")
 LAYERS = {"gpt_neox": "gpt_neox.layers", "mpt": "transformer.blocks"}
 """Where open_flamingo's FlamingoLayers sit (its decoder_layers_attr_name)."""
 
@@ -40,11 +41,11 @@ def base_plan(refs: dict[str, TensorRef], cfg: dict[str, Any], llm: Path) -> Bas
     kind = cfg.get("model_type")
     if kind == "gpt_neox":
         return _neox(refs, cfg, llm)
-    if kind == "mpt":
+    if kind in ("mpt", "mosaic_gpt"):
         return _mpt(refs, cfg, llm)
     raise UserError(
         f"OpenFlamingo on a {kind!r} base ({llm.name}) is not supported: mmchat converts the "
-        "GPT-NeoX (RedPajama-INCITE) and MPT (MPT-7B, transformers' names) bases"
+        "GPT-NeoX (RedPajama-INCITE) and MPT (MPT-7B, MPT-1B's MosaicGPT) bases"
     )
 
 
@@ -120,20 +121,59 @@ def _neox(refs: dict[str, TensorRef], cfg: dict[str, Any], llm: Path) -> BaseLM:
     return BaseLM(hp, jobs, kv, "gpt_neox.embed_in.weight", "embed_out.weight")
 
 
-def _mpt(refs: dict[str, TensorRef], cfg: dict[str, Any], llm: Path) -> BaseLM:
-    """MPT (transformers' MptForCausalLM / mosaicml's MPTForCausalLM names): ALiBi, no biases
-    (kept when present), QKV rows ``[q; k; v]``, exact-GELU FFN, head tied to wte."""
-    E, H, L = _ints(cfg, llm, "d_model", "n_heads", "n_layers")
-    ratio = float(cfg.get("expansion_ratio", 4))
-    F = int(E * ratio)
+# MPT flavours: transformers' MptForCausalLM / mosaicml/mpt-7b ("mpt") and the older MosaicGPT
+# remote code of mosaicml/mpt-1b-redpajama-200b ("mosaic_gpt"): module names and config keys
+_MPT_NAMES = {
+    "mpt": {
+        "norm_1": "norm_1",
+        "norm_2": "norm_2",
+        "up": "ffn.up_proj",
+        "down": "ffn.down_proj",
+        "norm_f": "transformer.norm_f",
+    },
+    "mosaic_gpt": {
+        "norm_1": "ln_1",
+        "norm_2": "ln_2",
+        "up": "mlp.mlp_up",
+        "down": "mlp.mlp_down",
+        "norm_f": "transformer.ln_f",
+    },
+}
+
+
+def _mpt_attn(cfg: dict[str, Any], llm: Path) -> dict[str, Any]:
+    """The attention settings of either flavour, in MptConfig.attn_config's names."""
+    if cfg.get("model_type") == "mosaic_gpt":
+        return {
+            "alibi": cfg.get("alibi", False),
+            "alibi_bias_max": cfg.get("alibi_bias_max", 8),
+            "clip_qkv": cfg.get("attn_clip_qkv"),
+            "qk_ln": cfg.get("attn_qk_ln", False),
+            "softmax_scale": cfg.get("softmax_scale"),
+        }
     attn = cfg.get("attn_config") or {}
     if not isinstance(attn, dict):
         raise CorruptFileError(f"{llm / 'config.json'}: attn_config is not an object")
-    if not attn.get("alibi", True):
+    return attn
+
+
+def _mpt(refs: dict[str, TensorRef], cfg: dict[str, Any], llm: Path) -> BaseLM:
+    """MPT: ALiBi, biases only where present (MPT-7B: none), QKV rows ``[q; k; v]``, optional
+    LayerNorms over the whole Q and K (qk_ln), exact-GELU FFN, head tied to wte."""
+    flavour = str(cfg.get("model_type"))
+    names = _MPT_NAMES[flavour]
+    E, H, L = _ints(cfg, llm, "d_model", "n_heads", "n_layers")
+    F = int(E * float(cfg.get("expansion_ratio", cfg.get("mlp_ratio", 4))))
+    attn = _mpt_attn(cfg, llm)
+    if not attn.get("alibi", flavour == "mpt"):
         raise UserError("MPT without ALiBi (learned positions) is not supported")
-    if attn.get("qk_ln") or attn.get("qk_gn"):
-        raise UserError("MPT with qk_ln (LayerNorm on Q and K) is not supported")
-    if cfg.get("ffn_config", {}).get("ffn_type", "mptmlp") not in ("mptmlp",):
+    if attn.get("qk_gn"):
+        raise UserError("MPT with qk_gn (GroupNorm on Q and K) is not supported")
+    if flavour == "mosaic_gpt" and H & (H - 1):
+        # its slopes are 2^-(8 i / H) for every head; ggml's (and MPT's) interleave them then
+        raise UserError(f"MosaicGPT with {H} heads (not a power of two) is not supported")
+    ffn = cfg.get("ffn_config") or {}
+    if isinstance(ffn, dict) and ffn.get("ffn_type", "mptmlp") != "mptmlp":
         raise UserError("MPT with a non-default FFN is not supported")
     if E % H:
         raise CorruptFileError(f"d_model {E} is not a multiple of {H} heads")
@@ -148,16 +188,17 @@ def _mpt(refs: dict[str, TensorRef], cfg: dict[str, Any], llm: Path) -> BaseLM:
 
     emb = _need(refs, "transformer.wte.weight", "input embedding")
     put("token_embd.weight", "transformer.wte.weight", emb.shape)
-    put("output_norm.weight", "transformer.norm_f.weight", (E,))
-    put("output_norm.bias", "transformer.norm_f.bias", (E,), False)
+    put("output_norm.weight", names["norm_f"] + ".weight", (E,))
+    put("output_norm.bias", names["norm_f"] + ".bias", (E,), False)
     head = "lm_head.weight" if "lm_head.weight" in refs else None
     if head and cfg.get("tie_word_embeddings", True):
-        head = None  # tied: transformers saves the copy, the model reads wte
+        head = None  # tied: a saved copy; the model reads wte
     if head:
         put("output.weight", head, refs[head].shape)
+    qk_ln = bool(attn.get("qk_ln"))
     for i in range(L):
         p, b = f"transformer.blocks.{i}.", f"blk.{i}."
-        for hf, gg in (("norm_1", "attn_norm"), ("norm_2", "ffn_norm")):
+        for hf, gg in ((names["norm_1"], "attn_norm"), (names["norm_2"], "ffn_norm")):
             put(b + gg + ".weight", p + hf + ".weight", (E,))
             put(b + gg + ".bias", p + hf + ".bias", (E,), False)
         for kind, shape in (("weight", (3 * E, E)), ("bias", (3 * E,))):
@@ -168,12 +209,16 @@ def _mpt(refs: dict[str, TensorRef], cfg: dict[str, Any], llm: Path) -> BaseLM:
             expect_shape(ref, shape, f"layer {i} Wqkv")
             for piece, gg in zip(split_rows(ref, 3), ("attn_q", "attn_k", "attn_v"), strict=True):
                 jobs.append(job(f"{b}{gg}.{kind}", piece))
+        if qk_ln:
+            for hf, gg in (("attn.q_ln", "attn_q_norm"), ("attn.k_ln", "attn_k_norm")):
+                put(f"{b}{gg}.weight", f"{p}{hf}.weight", (E,))
+                put(f"{b}{gg}.bias", f"{p}{hf}.bias", (E,), False)
         put(b + "attn_output.weight", p + "attn.out_proj.weight", (E, E))
         put(b + "attn_output.bias", p + "attn.out_proj.bias", (E,), False)
-        put(b + "ffn_up.weight", p + "ffn.up_proj.weight", (F, E))
-        put(b + "ffn_up.bias", p + "ffn.up_proj.bias", (F,), False)
-        put(b + "ffn_down.weight", p + "ffn.down_proj.weight", (E, F))
-        put(b + "ffn_down.bias", p + "ffn.down_proj.bias", (E,), False)
+        put(b + "ffn_up.weight", p + names["up"] + ".weight", (F, E))
+        put(b + "ffn_up.bias", p + names["up"] + ".bias", (F,), False)
+        put(b + "ffn_down.weight", p + names["down"] + ".weight", (E, F))
+        put(b + "ffn_down.bias", p + names["down"] + ".bias", (E,), False)
     hp = TextHParams(
         n_vocab=int(emb.shape[0]),
         n_embd=E,
@@ -194,6 +239,11 @@ def _mpt(refs: dict[str, TensorRef], cfg: dict[str, Any], llm: Path) -> BaseLM:
         kv.append(("mpt.attention.clamp_kqv", float(attn["clip_qkv"])))
     if attn.get("softmax_scale"):
         kv.append(("openflamingo.attention.scale", float(attn["softmax_scale"])))
+    scale = cfg.get("logit_scale")
+    if scale == "inv_sqrt_d_model":
+        scale = E**-0.5
+    if scale is not None:
+        kv.append(("openflamingo.logit_scale", float(scale)))
     return BaseLM(hp, jobs, kv, "transformer.wte.weight", head)
 
 

@@ -154,6 +154,7 @@ Graph build(mmd_context & c, const Batch & b, int32_t n_kv) {
                               : norm(ctx, last, m.output_norm, nullptr, hp.rms_eps);
         if (hp.arch == Arch::OpenFlamingo && m.output_norm_b) h = ggml_add(ctx, h, m.output_norm_b);
         g.out = ggml_mul_mat(ctx, m.output, h);
+        if (hp.logit_scale != 1.f) g.out = ggml_scale(ctx, g.out, hp.logit_scale);
     } else {
         g.out = x;
     }

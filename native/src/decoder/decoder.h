@@ -42,6 +42,10 @@ struct Layer {
     ggml_tensor * k_b = nullptr;
     ggml_tensor * v_b = nullptr;
     ggml_tensor * o_b = nullptr;
+    ggml_tensor * q_norm = nullptr;  // LayerNorm over the whole Q / K (MosaicGPT attn_qk_ln), or null
+    ggml_tensor * q_norm_b = nullptr;
+    ggml_tensor * k_norm = nullptr;
+    ggml_tensor * k_norm_b = nullptr;
     ggml_tensor * ffn_norm = nullptr;
     ggml_tensor * ffn_norm_b = nullptr;
     ggml_tensor * gate = nullptr;
@@ -87,6 +91,7 @@ struct Hparams {
     float alibi_max_bias = 0.f;      // > 0: ALiBi instead of rope (MPT alibi_bias_max)
     float clip_qkv = 0.f;            // > 0: QKV clamped to [-clip, clip] (MPT clip_qkv)
     float attn_scale = 0.f;          // self-attention scale; 0: 1/sqrt(head_dim)
+    float logit_scale = 1.f;         // logits multiplied by it (MosaicGPT logit_scale)
     int32_t x_n_head = 0, x_head_dim = 0;  // the cross-attention's heads (inner width)
     int32_t n_embd_kv() const { return n_head_kv * head_dim; }
     int32_t n_embd_x() const { return x_n_head * x_head_dim; }

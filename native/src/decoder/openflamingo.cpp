@@ -14,11 +14,12 @@
 //          (rotate-half rope on the first rope_dim dims of each head: GPT-NeoX rotary_pct)
 //     parallel residual:   x = x + a + mlp(h2)        mlp(h) = W4 gelu(W3 h + b3) + b4
 //     else:                x = x + a; x = x + mlp(LN2(x))
-// MPT (transformers' MptBlock, general.architecture "mpt"): no rope but ALiBi (slopes from
-// alibi_bias_max, through the core's mask), LayerNorms and linears without biases (optional
-// here), QKV optionally clamped (clip_qkv), sequential residual, exact-GELU MLP, output head
-// tied to the token embeddings when the file has no output.weight:
-//     x += Wo attn(clamp(Wq h), clamp(Wk h), clamp(Wv h))   h = LN1(x)
+// MPT (transformers' MptBlock, mosaicml's MosaicGPT GPTBlock; general.architecture "mpt"): no
+// rope but ALiBi (slopes from alibi_bias_max, through the core's mask), LayerNorms and linears
+// with optional biases, QKV optionally clamped (clip_qkv), then optionally LayerNorms over the
+// whole Q and K (MosaicGPT attn_qk_ln), sequential residual, exact-GELU MLP, output head tied
+// to the token embeddings when the file has no output.weight, logits times logit_scale:
+//     x += Wo attn(LNq(clamp(Wq h)), LNk(clamp(Wk h)), clamp(Wv h))   h = LN1(x)
 //     x += W4 gelu(W3 LN2(x))
 // Final LayerNorm, then the output head (no bias). The image keys/values are
 // to_kv(rows) split in halves by the converter (xattn_k / xattn_v).
@@ -68,6 +69,7 @@ void load_openflamingo(mmv::WeightLoader & w, mmd_model & m, const std::string &
         hp.alibi_max_bias = static_cast<float>(w.get_float("mpt.attention.max_alibi_bias", 8.0));
         hp.clip_qkv = static_cast<float>(w.get_float("mpt.attention.clamp_kqv", 0.0));
         hp.attn_scale = static_cast<float>(w.get_float("openflamingo.attention.scale", 0.0));
+        hp.logit_scale = static_cast<float>(w.get_float("openflamingo.logit_scale", 1.0));
         if (!(hp.alibi_max_bias > 0.f)) mmv::unsupported("MPT without ALiBi");
     }
     if (!(hp.rms_eps > 0.f) || !std::isfinite(hp.rms_eps)) format_error("layer_norm_epsilon is not positive");
@@ -105,6 +107,12 @@ void load_openflamingo(mmv::WeightLoader & w, mmd_model & m, const std::string &
         L.k_b = f32(p + "attn_k.bias", E, neox);
         L.v_b = f32(p + "attn_v.bias", E, neox);
         L.o_b = f32(p + "attn_output.bias", E, neox);
+        if (!neox) {  // MosaicGPT's attn_qk_ln
+            L.q_norm = f32(p + "attn_q_norm.weight", E, false);
+            L.q_norm_b = f32(p + "attn_q_norm.bias", E, false);
+            L.k_norm = f32(p + "attn_k_norm.weight", E, L.q_norm != nullptr);
+            L.k_norm_b = f32(p + "attn_k_norm.bias", E, false);
+        }
         L.ffn_norm = f32(p + "ffn_norm.weight", E, true);
         L.ffn_norm_b = f32(p + "ffn_norm.bias", E, neox);
         L.up = mat("ffn_up.weight", E, F);
@@ -168,6 +176,10 @@ ggml_tensor * openflamingo_layers(ggml_context * ctx, mmd_context & c, ggml_tens
             q = ggml_clamp(ctx, q, -hp.clip_qkv, hp.clip_qkv);
             k = ggml_clamp(ctx, k, -hp.clip_qkv, hp.clip_qkv);
             v = ggml_clamp(ctx, v, -hp.clip_qkv, hp.clip_qkv);
+        }
+        if (L.q_norm) {
+            q = layer_norm(ctx, q, L.q_norm, L.q_norm_b, eps);
+            k = layer_norm(ctx, k, L.k_norm, L.k_norm_b, eps);
         }
         q = ggml_reshape_3d(ctx, q, DH, NH, NT);
         k = ggml_reshape_3d(ctx, k, DH, NH, NT);
