@@ -34,6 +34,9 @@ VARIANTS = {
     "mpt": (ROOT / "of_mpt", "goldens_mpt"),
     # OpenFlamingo-3B's MosaicGPT (MPT-1B): qk LayerNorms, biases, a block before every layer
     "mpt1b": (ROOT / "of_mpt1b", "goldens_mpt1b"),
+    # of_tiny with use_parallel_residual (Pythia's GPT-NeoX; RedPajama-INCITE has it off):
+    # same weights, its own goldens; the release is of_tiny with a patched config.json
+    "neox_parallel": (RELEASE, "goldens_parallel"),
 }
 PROMPTS = ["text_only", "one_image", "two_images", "text_before_image", "after_eoc"]
 
@@ -70,12 +73,27 @@ def outdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("openflamingo")
 
 
+def release(outdir: Path, variant: str) -> Path:
+    """The release folder of a variant (neox_parallel: a patched copy of of_tiny)."""
+    folder = VARIANTS[variant][0]
+    if variant != "neox_parallel":
+        return folder
+    copy = outdir / "release-parallel"
+    if not copy.exists():
+        shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("clip*"))
+        cfg_path = copy / "neox_base" / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["use_parallel_residual"] = True
+        cfg_path.write_text(json.dumps(cfg))
+    return copy
+
+
 def files(outdir: Path, quant: str = "f32", variant: str = "neox") -> tuple[Path, Path]:
     if (quant, variant) not in _files:
         from mmchat.converters import convert
 
         r = convert(
-            VARIANTS[variant][0],
+            release(outdir, variant),
             outdir=outdir / variant / quant,
             quant=quant,
             vision_quant="f32",
@@ -213,10 +231,11 @@ def test_convert_and_run_cli(tmp_path: Path, variant: str) -> None:
 
     runner = CliRunner()
     out = tmp_path / "out"
-    folder = VARIANTS[variant][0]
+    folder = release(tmp_path, variant)
     args = ["convert", str(folder), "--outdir", str(out), "--quant", "f32"]
     if variant != "neox":
-        args += ["--vision-tower", str(TOWER), "--llm", str(folder / f"{variant}_base")]
+        base = "neox_base" if variant == "neox_parallel" else f"{variant}_base"
+        args += ["--vision-tower", str(TOWER), "--llm", str(folder / base)]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     text = next(out.glob(f"{folder.name}-*.gguf"))
