@@ -142,30 +142,31 @@ _MPT_NAMES = {
 
 
 def _mpt_attn(cfg: dict[str, Any], llm: Path) -> dict[str, Any]:
-    """The attention settings of either flavour, in MptConfig.attn_config's names."""
-    if cfg.get("model_type") == "mosaic_gpt":
-        return {
-            "alibi": cfg.get("alibi", False),
-            "alibi_bias_max": cfg.get("alibi_bias_max", 8),
-            "clip_qkv": cfg.get("attn_clip_qkv"),
-            "qk_ln": cfg.get("attn_qk_ln", False),
-            "softmax_scale": cfg.get("softmax_scale"),
-        }
+    """The attention settings of either flavour, in MptConfig.attn_config's names (MosaicGPT
+    keeps them flat: alibi, alibi_bias_max, attn_qk_ln, attn_clip_qkv, softmax_scale)."""
     attn = cfg.get("attn_config") or {}
     if not isinstance(attn, dict):
         raise CorruptFileError(f"{llm / 'config.json'}: attn_config is not an object")
-    return attn
+    flat = {
+        "alibi": cfg.get("alibi"),
+        "alibi_bias_max": cfg.get("alibi_bias_max"),
+        "clip_qkv": cfg.get("attn_clip_qkv"),
+        "qk_ln": cfg.get("attn_qk_ln"),
+        "softmax_scale": cfg.get("softmax_scale"),
+    }
+    return {**{k: v for k, v in flat.items() if v is not None}, **attn}
 
 
 def _mpt(refs: dict[str, TensorRef], cfg: dict[str, Any], llm: Path) -> BaseLM:
     """MPT: ALiBi, biases only where present (MPT-7B: none), QKV rows ``[q; k; v]``, optional
     LayerNorms over the whole Q and K (qk_ln), exact-GELU FFN, head tied to wte."""
-    flavour = str(cfg.get("model_type"))
+    # by the names the weights use (a copy of MPT-1B may say model_type "mpt")
+    flavour = "mosaic_gpt" if "transformer.blocks.0.ln_1.weight" in refs else "mpt"
     names = _MPT_NAMES[flavour]
     E, H, L = _ints(cfg, llm, "d_model", "n_heads", "n_layers")
     F = int(E * float(cfg.get("expansion_ratio", cfg.get("mlp_ratio", 4))))
     attn = _mpt_attn(cfg, llm)
-    if not attn.get("alibi", flavour == "mpt"):
+    if not attn.get("alibi", flavour == "mpt"):  # transformers' MptAttentionConfig: True
         raise UserError("MPT without ALiBi (learned positions) is not supported")
     if attn.get("qk_gn"):
         raise UserError("MPT with qk_gn (GroupNorm on Q and K) is not supported")
