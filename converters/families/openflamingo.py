@@ -197,6 +197,7 @@ class OpenFlamingo:
         xattn: dict[int, dict[str, TensorRef]] = {}
         perceiver: dict[str, TensorRef] = {}
         for name, ref in trained.items():
+            name = name.removeprefix("module.")  # a DistributedDataParallel save
             if name.startswith("perceiver."):
                 perceiver[name[len("perceiver.") :]] = ref
                 continue
