@@ -15,6 +15,14 @@ ggml_tensor * layer_norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, g
     return x;
 }
 
+ggml_tensor * layer_norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b, float eps,
+                         const Arith & ar) {
+    if (ar.host_kernels) {
+        if (ggml_tensor * y = host_layer_norm(ctx, x, w, b, eps)) return y;
+    }
+    return layer_norm(ctx, x, w, b, eps);
+}
+
 ggml_tensor * linear(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b) {
     x = ggml_mul_mat(ctx, w, x);
     if (b) x = ggml_add(ctx, x, b);
@@ -96,9 +104,9 @@ ggml_tensor * vit_embed(ggml_context * ctx, const VitEmbedWeights & w, ggml_tens
 
 ggml_tensor * pre_ln_block(ggml_context * ctx, const PreLnBlock & blk, ggml_tensor * x, int64_t n_head, float eps,
                            Act act, const Arith & ar) {
-    ggml_tensor * cur = apply(ctx, blk.ln1, x, eps);
+    ggml_tensor * cur = apply(ctx, blk.ln1, x, eps, ar);
     x = ggml_add(ctx, x, mha(ctx, blk.attn, cur, nullptr, n_head, ar));
-    cur = apply(ctx, blk.ln2, x, eps);
+    cur = apply(ctx, blk.ln2, x, eps, ar);
     cur = apply(ctx, blk.fc1, cur, ar);
     cur = act == Act::Gelu ? gelu(ctx, cur, ar) : quick_gelu(ctx, cur, ar.fast_math);
     cur = apply(ctx, blk.fc2, cur, ar);

@@ -19,6 +19,9 @@ struct Arith {
 };
 
 ggml_tensor * layer_norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b, float eps);
+// The same, in one host pass where `ar` allows it and the operands fit.
+ggml_tensor * layer_norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b, float eps,
+                         const Arith & ar);
 ggml_tensor * linear(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b);
 // The same, through the host f16 kernel where `ar` allows it and the operands fit.
 ggml_tensor * linear(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b, const Arith & ar);
@@ -50,6 +53,9 @@ inline ggml_tensor * apply(ggml_context * ctx, const Linear & l, ggml_tensor * x
 }
 inline ggml_tensor * apply(ggml_context * ctx, const Norm & n, ggml_tensor * x, float eps) {
     return layer_norm(ctx, x, n.w, n.b, eps);
+}
+inline ggml_tensor * apply(ggml_context * ctx, const Norm & n, ggml_tensor * x, float eps, const Arith & ar) {
+    return layer_norm(ctx, x, n.w, n.b, eps, ar);
 }
 
 // Multi-head attention with separate q/k/v/out projections (CLIP, EVA, BERT all share it);

@@ -307,6 +307,50 @@ void attention_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
 }
 
+// LayerNorm of each row: (x - mean) / sqrt(var + eps) * w + b (w, b optional), two passes
+// over the row as ggml_norm does (mean, then the variance about it). Threads split the rows.
+MMV_AVX512 void layer_norm_row(float * y, const float * x, int64_t n, float eps, const float * w, const float * b) {
+    __m512 s = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) s = _mm512_add_ps(s, _mm512_loadu_ps(x + i));
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
+    if (i < n) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(tail, x + i));
+    const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(s) / static_cast<float>(n));
+    __m512 v = _mm512_setzero_ps();
+    for (i = 0; i + 16 <= n; i += 16) {
+        const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + i), mean);
+        v = _mm512_fmadd_ps(d, d, v);
+    }
+    if (i < n) {
+        const __m512 d = _mm512_maskz_sub_ps(tail, _mm512_maskz_loadu_ps(tail, x + i), mean);
+        v = _mm512_fmadd_ps(d, d, v);
+    }
+    const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(v) / static_cast<float>(n) + eps));
+    const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+    for (i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xffff) : tail;
+        __m512 t = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), mean), rstd);
+        t = _mm512_fmadd_ps(t, w ? _mm512_maskz_loadu_ps(m, w + i) : one, b ? _mm512_maskz_loadu_ps(m, b + i) : zero);
+        _mm512_mask_storeu_ps(y + i, m, t);
+    }
+}
+
+void layer_norm_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const ggml_tensor * x = dst->src[0];
+    const ggml_tensor * w = dst->src[1];
+    const ggml_tensor * b = dst->src[2];
+    float eps;
+    const auto bits = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(userdata));
+    std::memcpy(&eps, &bits, sizeof eps);
+    const int64_t n = x->ne[0], rows = ggml_nrows(x);
+    const float * wd = w ? static_cast<const float *>(w->data) : nullptr;
+    const float * bd = b ? static_cast<const float *>(b->data) : nullptr;
+    for (int64_t r = ith; r < rows; r += nth) {
+        layer_norm_row(static_cast<float *>(dst->data) + r * n, static_cast<const float *>(x->data) + r * n, n, eps,
+                       wd, bd);
+    }
+}
+
 bool host_f32(const ggml_tensor * t) {
     return t->type == GGML_TYPE_F32 && ggml_is_contiguous(t) && t->extra == nullptr &&
            (t->buffer == nullptr || ggml_backend_buffer_is_host(t->buffer));
@@ -345,6 +389,21 @@ ggml_tensor * host_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * 
                           reinterpret_cast<void *>(static_cast<intptr_t>(n_head)));
 }
 
+ggml_tensor * host_layer_norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b, float eps) {
+    if (!host_f32(x) || (!w && b)) return nullptr;  // src[1] is the weight when there is one
+    for (ggml_tensor * p : {w, b}) {
+        if (p && (!host_f32(p) || ggml_nelements(p) != x->ne[0])) return nullptr;
+    }
+    ggml_tensor * args[3] = {x, nullptr, nullptr};
+    int n_args = 1;
+    if (w) args[n_args++] = w;
+    if (b) args[n_args++] = b;
+    uint32_t bits;
+    std::memcpy(&bits, &eps, sizeof bits);
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, x->ne[0], x->ne[1], x->ne[2], x->ne[3], args, n_args, layer_norm_op,
+                          GGML_N_TASKS_MAX, reinterpret_cast<void *>(static_cast<uintptr_t>(bits)));
+}
+
 ggml_tensor * host_gelu_erf(ggml_context * ctx, ggml_tensor * x) {
     if (!host_f32(x)) return nullptr;
     return ggml_map_custom1(ctx, x, gelu_op, GGML_N_TASKS_MAX, nullptr);
@@ -356,6 +415,7 @@ bool host_kernels_usable(ggml_backend_t) { return false; }
 ggml_tensor * host_linear(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *) { return nullptr; }
 ggml_tensor * host_gelu_erf(ggml_context *, ggml_tensor *) { return nullptr; }
 ggml_tensor * host_attention(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *, int64_t) { return nullptr; }
+ggml_tensor * host_layer_norm(ggml_context *, ggml_tensor *, ggml_tensor *, ggml_tensor *, float) { return nullptr; }
 
 #endif
 

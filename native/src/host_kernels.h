@@ -8,6 +8,7 @@
 //   attention unmasked multi-head attention on the same register tile, f32 throughout (ggml's
 //             CPU flash attention runs well below matmul speed at head size 88).
 //   gelu_erf  exact GELU x * Phi(x), vectorised (ggml's is a scalar erff loop).
+//   layer_norm  norm, scale and shift in one pass over each row (ggml: three ops).
 //
 // All are ggml custom ops, so they only run on the CPU backend: callers use them only when
 // host_kernels_usable() says so for the backend the graph runs on, and fall back to the
@@ -31,6 +32,11 @@ ggml_tensor * host_linear(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, 
 // [H, NK, B] with n_head heads, as mmv::attention computes it; nullptr when they do not fit
 // (fewer than 32 keys or head columns).
 ggml_tensor * host_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, int64_t n_head);
+
+// LayerNorm over dim 0 of a contiguous f32 `x`, times f32 `w` plus f32 `b` (each [ne0] or
+// null; no bias without a weight), as ggml_norm + ggml_mul + ggml_add in one pass; nullptr
+// when the operands do not fit.
+ggml_tensor * host_layer_norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b, float eps);
 
 // Exact GELU of a contiguous f32 tensor; nullptr when `x` does not fit.
 ggml_tensor * host_gelu_erf(ggml_context * ctx, ggml_tensor * x);

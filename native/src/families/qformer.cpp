@@ -85,7 +85,7 @@ class QformerFamily final : public Family {
         // EVA ViT + ln_vision
         ggml_tensor * img = vit_embed(ctx, embed_, in.patches, Hv_);
         for (const PreLnBlock & blk : vit_) img = pre_ln_block(ctx, blk, img, nv_head_, eps_v_, Act::Gelu, ar);
-        img = apply(ctx, ln_vision_, img, eps_ln_vision_);  // [Hv, 1 + NP, B]
+        img = apply(ctx, ln_vision_, img, eps_ln_vision_, ar);  // [Hv, 1 + NP, B]
 
         // Q-Former input rows
         ggml_tensor * x = ggml_repeat_4d(ctx, ggml_reshape_3d(ctx, query_, D, NQ, 1), D, NQ, B, 1);
@@ -98,12 +98,12 @@ class QformerFamily final : public Family {
             t = ggml_repeat_4d(ctx, ggml_reshape_3d(ctx, t, D, NT, 1), D, NT, B, 1);
             x = ggml_concat(ctx, x, t, 1);  // [D, NQ + NT, B]
         }
-        x = apply(ctx, embd_ln_, x, eps_q_);
+        x = apply(ctx, embd_ln_, x, eps_q_, ar);
 
         for (size_t il = 0; il < layers_.size(); ++il) {
             const QfLayer & L = layers_[il];
             const bool last = il + 1 == layers_.size();
-            x = apply(ctx, L.self.ln, ggml_add(ctx, x, mha(ctx, L.self.attn, x, nullptr, nq_head_, ar)), eps_q_);
+            x = apply(ctx, L.self.ln, ggml_add(ctx, x, mha(ctx, L.self.attn, x, nullptr, nq_head_, ar)), eps_q_, ar);
             ggml_tensor * q = x;
             ggml_tensor * t = nullptr;
             if (NT > 0) {
@@ -113,7 +113,7 @@ class QformerFamily final : public Family {
                 }
             }
             if (L.has_cross) {
-                q = apply(ctx, L.cross.ln, ggml_add(ctx, q, mha(ctx, L.cross.attn, q, img, nq_head_, ar)), eps_q_);
+                q = apply(ctx, L.cross.ln, ggml_add(ctx, q, mha(ctx, L.cross.attn, q, img, nq_head_, ar)), eps_q_, ar);
             }
             q = ffn(ctx, L.ffn_q, q, ar);
             if (t != nullptr) {
@@ -129,7 +129,7 @@ class QformerFamily final : public Family {
   private:
     ggml_tensor * ffn(ggml_context * ctx, const BertFfn & f, ggml_tensor * x, const Arith & ar) const {
         ggml_tensor * h = apply(ctx, f.down, gelu(ctx, apply(ctx, f.up, x, ar), ar), ar);
-        return apply(ctx, f.ln, ggml_add(ctx, x, h), eps_q_);
+        return apply(ctx, f.ln, ggml_add(ctx, x, h), eps_q_, ar);
     }
 
     void declare(WeightLoader & w, Hparams & hp) {
