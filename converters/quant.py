@@ -14,7 +14,8 @@ Per-tensor policy of the text mixes (the rules of llama.cpp's ``llama_tensor_get
 a dense Llama/Mistral model, applied here in the same single pass that writes the file)
 ---------------------------------------------------------------------------------------
 * Only tensors whose name ends in ``.weight`` with two or more dimensions are quantized;
-  ``*_norm.weight``, 1-D tensors and biases stay F32 (also at f16/bf16).
+  ``*_norm.weight``, 1-D tensors, biases and T5's ``attn_rel_b.weight`` (its relative-position
+  bucket biases, as llama.cpp's quantizer leaves them) stay F32 (also at f16/bf16).
 * ``output.weight`` (or ``token_embd.weight`` when the embeddings are tied): Q8_0 when its
   row length is not a multiple of the base type's block, else Q6_K unless the base type
   is Q8_0.
@@ -175,6 +176,8 @@ def text_tensor_type(
 ) -> GGMLQuantizationType:
     """The type of one text tensor (``shape`` in numpy order, row length last)."""
     if len(shape) < 2 or not name.endswith(".weight") or name.endswith("_norm.weight"):
+        return T.F32
+    if name.endswith("attn_rel_b.weight"):  # T5's bucket biases: tiny, never quantized
         return T.F32
     if q.base in FLOAT_TYPES:
         return q.base

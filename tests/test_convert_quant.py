@@ -91,6 +91,9 @@ def test_shape_fallback_for_small_rows() -> None:
     assert t("output.weight", (576, 64)) == T.Q8_0  # not a multiple of 256 -> Q8_0
     assert t("token_embd.weight", (576, 512)) == T.Q4_K
     assert t("blk.0.attn_norm.weight", (64,)) == T.F32
+    # T5's relative-position bucket biases are never quantized (llama.cpp's rule)
+    assert t("enc.blk.0.attn_rel_b.weight", (32, 64)) == T.F32
+    assert t("dec.blk.0.attn_rel_b.weight", (32, 64)) == T.F32
     q2 = Q.parse_text_quant("q2_k")
     assert (
         Q.text_tensor_type(

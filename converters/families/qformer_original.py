@@ -288,9 +288,9 @@ def _lavis_architecture(default: str, t5: bool, text_input: bool) -> str:
 
 def _lavis_model_file(folder: Path) -> Path | None:
     for path in sorted(folder.glob("*.pth")):
-        if path.name in (EVA_FILE, MINIGPT4_QFORMER, *MINIGPT4_PROJ) or path.match(
-            MiniGpt4Llama2.checkpoint_glob
-        ):
+        # blip2_pretrained_flant5xxl.pth is LAVIS' BLIP-2 Flan-T5 XXL model: a model here
+        # (a folder holding MiniGPT-4's projection is detected as MiniGPT-4 first)
+        if path.name in (EVA_FILE, *MINIGPT4_PROJ) or path.match(MiniGpt4Llama2.checkpoint_glob):
             continue
         return path
     return None
