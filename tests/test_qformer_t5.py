@@ -418,9 +418,13 @@ def test_lavis_instructblip_t5_matches_transformers(tmp_path: Path) -> None:
             assert int(np.argmax(ev.logits)) == int(np.argmax(g[f"{name}/logits"]))
 
 
-def test_lavis_blip2_t5_reads_no_instruction(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "published", ["blip2_pretrained_flant5xl.pth", "blip2_pretrained_flant5xxl.pth"]
+)
+def test_lavis_blip2_t5_reads_no_instruction(tmp_path: Path, published: str) -> None:
     """LAVIS' blip2_t5 drops the Q-Former's text embeddings and text FFN: the same files
-    without them convert as BLIP-2 (queries only, "Question: … Answer:" template)."""
+    without them convert as BLIP-2 (queries only, "Question: … Answer:" template), under
+    either published name (the XXL one is also the file MiniGPT-4 takes its Q-Former from)."""
     torch = pytest.importorskip(
         "torch", reason="the LAVIS files are .pth: reading them needs torch"
     )
@@ -437,7 +441,7 @@ def test_lavis_blip2_t5_reads_no_instruction(tmp_path: Path) -> None:
         for k, v in state.items()
         if not k.startswith(drop) and not re.search(r"layer\.\d+\.(intermediate|output)\.", k)
     }
-    torch.save({"model": keep}, src / "blip2_pretrained_flant5xl.pth")
+    torch.save({"model": keep}, src / published)
     r = _lavis_convert(src, tmp_path / "o")
     assert r.family == "blip2-lavis" and r.architecture == "Blip2T5"
     assert read_gguf(r.mmproj_path).get("qformer.text_input") is False
