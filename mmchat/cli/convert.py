@@ -83,8 +83,8 @@ def convert(
     llm: Path | None = typer.Option(
         None,
         "--llm",
-        help="Original LAVIS / MiniGPT releases: the language model folder when it is not "
-        "a sub-folder of SRC.",
+        help="Original LAVIS / MiniGPT / OpenFlamingo releases: the language model folder "
+        "when it is not a sub-folder of SRC.",
         file_okay=False,
     ),
     threads: int | None = typer.Option(
