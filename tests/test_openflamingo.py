@@ -6,12 +6,17 @@ open_flamingo's goldens: pixels, Perceiver rows per image, last-position logits 
 ``mmchat convert`` + ``mmchat run`` with an image; bad files -> one clear error.
 
 checkpoint.pt is a PyTorch file (read with ``torch.load(weights_only=True)``): the tests
-that convert need torch and skip without it."""
+that convert need torch and skip without it. Without torch, the runtime tests run on the f32
+files committed under tests/fixtures/openflamingo/gguf (GPT-NeoX and MPT; made by
+convert_openflamingo_fixtures.py), and with torch a fresh conversion must equal them."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 import threading
 from functools import cache
 from pathlib import Path
@@ -39,8 +44,12 @@ VARIANTS = {
     "neox_parallel": (RELEASE, "goldens_parallel"),
 }
 PROMPTS = ["text_only", "one_image", "two_images", "text_before_image", "after_eoc"]
-
-pytest.importorskip("torch", reason="checkpoint.pt is a PyTorch file: converting it needs torch")
+# f32 conversions committed for the default suite (no torch): variant -> folder
+COMMITTED = {"neox": ROOT / "gguf" / "neox", "mpt": ROOT / "gguf" / "mpt"}
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+needs_torch = pytest.mark.skipif(
+    not HAS_TORCH, reason="checkpoint.pt is a PyTorch file: converting it needs torch"
+)
 
 
 def _decoder_available() -> str | None:
@@ -89,6 +98,11 @@ def release(outdir: Path, variant: str) -> Path:
 
 
 def files(outdir: Path, quant: str = "f32", variant: str = "neox") -> tuple[Path, Path]:
+    """The variant's files: converted here with torch, else the committed f32 pair."""
+    if not HAS_TORCH:
+        if quant != "f32" or variant not in COMMITTED:
+            pytest.skip("checkpoint.pt is a PyTorch file: converting it needs torch")
+        return COMMITTED[variant] / "text.gguf", COMMITTED[variant] / "mmproj.gguf"
     if (quant, variant) not in _files:
         from mmchat.converters import convert
 
@@ -221,6 +235,7 @@ def test_q8_0_keeps_top1(outdir: Path, variant: str) -> None:
     assert checked >= 3
 
 
+@needs_torch
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_convert_and_run_cli(tmp_path: Path, variant: str) -> None:
     """What a user does: mmchat convert on the release folder (the MPT one names its tower
@@ -272,6 +287,7 @@ def test_template_writes_completion_chunks(outdir: Path) -> None:
         m.close()
 
 
+@needs_torch
 def test_hugging_face_clip_folder_gives_the_same_tower(outdir: Path, tmp_path: Path) -> None:
     """--vision-tower may name a Hugging Face CLIP folder (openai/clip-vit-large-patch14's
     layout) instead of open_clip's weights: the vision file holds the same tensors."""
@@ -374,6 +390,7 @@ def test_server_answers_one_and_two_at_once(outdir: Path, tmp_path: Path) -> Non
         two.stop()
 
 
+@needs_torch
 def test_bad_files_give_one_clear_error(tmp_path: Path) -> None:
     from mmchat.converters import convert
 
@@ -403,3 +420,51 @@ def test_bad_files_give_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="to_kv"):
         convert(bare, outdir=tmp_path / "o4", quant="f32")
     assert not list((tmp_path / "o4").glob("*.gguf"))
+
+
+@needs_torch
+@pytest.mark.parametrize("variant", sorted(COMMITTED))
+def test_committed_files_equal_a_fresh_conversion(tmp_path: Path, variant: str) -> None:
+    """The default suite's committed GGUFs are what the converter writes today."""
+    from gguf import GGUFReader
+
+    sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+    from convert_openflamingo_fixtures import convert_variant
+
+    fresh = convert_variant(variant, tmp_path)
+    for got_path, name in zip(fresh, ("text.gguf", "mmproj.gguf"), strict=True):
+        want, got = GGUFReader(COMMITTED[variant] / name), GGUFReader(got_path)
+        assert [t.name for t in got.tensors] == [t.name for t in want.tensors], name
+        for a, b in zip(got.tensors, want.tensors, strict=True):
+            assert a.tensor_type == b.tensor_type and np.array_equal(a.data, b.data), a.name
+        for key, field in want.fields.items():
+            assert key in got.fields and got.fields[key].contents() == field.contents(), key
+
+
+@pytest.mark.parametrize("variant", sorted(COMMITTED))
+def test_mmchat_run_answers_with_the_greedy_reply(tmp_path: Path, variant: str) -> None:
+    """`mmchat run text.gguf --mmproj mmproj.gguf "An image of ./img.png"` prints what a
+    greedy in-process session answers (on the committed files: no torch needed)."""
+    from mmchat.runtime import LoadOptions, SamplingParams
+    from mmchat.runtime.loader import load_model
+
+    text, mmproj = COMMITTED[variant] / "text.gguf", COMMITTED[variant] / "mmproj.gguf"
+    shutil.copy(ROOT / "images" / "portrait.png", tmp_path / "img.png")
+    run = subprocess.run(
+        [
+            *(sys.executable, "-m", "mmchat", "run", str(text), "--mmproj", str(mmproj)),
+            *("--max-tokens", "6", "--temperature", "0", "An image of ./img.png"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+        env={**__import__("os").environ, "MMCHAT_HOME": str(tmp_path / "home")},
+    )
+    assert run.returncode == 0, run.stderr
+    assert "Added image './img.png'" in run.stderr
+    with load_model(text, mmproj, LoadOptions(n_threads=2)) as lm:
+        chat = lm.session(params=SamplingParams(temperature=0, max_tokens=6, seed=1))
+        reply = chat.ask("An image of", [load_image(tmp_path / "img.png")])
+    assert run.stdout.strip() == reply.text.strip()
