@@ -5,6 +5,7 @@ tests/fixtures/make_qformer_original_fixtures.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -21,13 +22,17 @@ from mmchat.errors import UserError
 from mmchat.vision.image import load_image
 from mmchat.vision.synthetic import rel_l2
 
-pytest.importorskip(
-    "torch", reason="the original releases are .pth files: reading them needs torch"
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+needs_torch = pytest.mark.skipif(
+    not HAS_TORCH, reason="the original releases are .pth files: reading them needs torch"
 )
 
 ROOT = Path(__file__).parent / "fixtures" / "qformer_orig"
 IMAGES = Path(__file__).parent / "fixtures" / "qformer" / "images"
 MODELS = ["lavis_instructblip", "minigpt4"]
+# f32 conversions committed for the default suite (convert_qformer_original_fixtures.py):
+# without torch the eva_concat tests run on them; with torch a fresh conversion must equal them
+COMMITTED = {"minigpt4_llama2": ROOT / "gguf" / "minigpt4_llama2"}
 QUESTION = "What is in this image?"
 
 
@@ -48,6 +53,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pat
     return result
 
 
+@needs_torch
 @pytest.mark.parametrize("model", MODELS)
 def test_rows_and_logits_match_the_reference(
     files: dict[str, tuple[Path, Path]], model: str
@@ -86,14 +92,24 @@ CONCAT_VARIANTS = {
 }
 
 
+def _converted(variant: str, outdir: Path) -> tuple[Path, Path]:
+    """The variant converted here (torch reads the .pth), else its committed f32 pair."""
+    if not HAS_TORCH:
+        if variant not in COMMITTED:
+            pytest.skip("the original releases are .pth files: reading them needs torch")
+        return COMMITTED[variant] / "text.gguf", COMMITTED[variant] / "mmproj.gguf"
+    from mmchat.converters import convert
+
+    r = convert(ROOT / variant, outdir=outdir, quant="f32", vision_quant="f32")
+    return r.model_path, r.mmproj_path
+
+
 @pytest.mark.parametrize("variant", sorted(CONCAT_VARIANTS))
 def test_eva_concat_rows_and_logits(tmp_path: Path, variant: str) -> None:
     """MiniGPT-v2: EVA at twice its size (positions interpolated at convert time), 4 rows
     concatenated, llama_proj; the q/v LoRA merged into the text GGUF; [INST] prompt.
     MiniGPT-4 on Llama 2: the same at EVA's own size, no LoRA, a fresh ln_vision, the
     system text then ``<s>[INST] … [/INST] ``."""
-    from mmchat.converters import convert
-
     from mmchat.gguf_meta import read_gguf
     from mmchat.runtime import LoadOptions, load_model
     from mmchat.vision import open_vision
@@ -102,12 +118,12 @@ def test_eva_concat_rows_and_logits(tmp_path: Path, variant: str) -> None:
     stem, size, n_rows = CONCAT_VARIANTS[variant]
     meta = json.loads((ROOT / f"{stem}.json").read_text())
     g = np.load(ROOT / f"{stem}.npz")
-    r = convert(ROOT / variant, outdir=tmp_path, quant="f32", vision_quant="f32")
-    v = read_gguf(r.mmproj_path)
+    text, mmproj = _converted(variant, tmp_path)
+    v = read_gguf(mmproj)
     assert v.get("clip.projector_type") == "eva_concat" and v.get("clip.vision.image_size") == size
-    lm = load_model(r.model_path, None, LoadOptions.parity(n_threads=2))
+    lm = load_model(text, None, LoadOptions.parity(n_threads=2))
     try:
-        eng = open_vision(r.mmproj_path, text_n_embd=64, n_threads=2, device="cpu")
+        eng = open_vision(mmproj, text_n_embd=64, n_threads=2, device="cpu")
         assert isinstance(eng, QformerEngine) and not eng.reads_instruction
         with eng:
             assert eng.tokens_for(load_image(IMAGES / "pixel.png")) == n_rows
@@ -128,26 +144,25 @@ def test_eva_concat_rows_and_logits(tmp_path: Path, variant: str) -> None:
 def test_eva_concat_mmchat_run(tmp_path: Path, variant: str) -> None:
     """`mmchat run <text.gguf> --mmproj <vision.gguf> "… ./photo.png"` answers with the
     in-process greedy reply."""
-    from mmchat.converters import convert
-
     from mmchat.runtime import LoadOptions, SamplingParams, load_model
 
-    r = convert(ROOT / variant, outdir=tmp_path / "out", quant="f32", vision_quant="f32")
+    text, mmproj = _converted(variant, tmp_path / "out")
     shutil.copy(IMAGES / "portrait.png", tmp_path / "photo.png")
     run = _mmchat(
         tmp_path / "home",
         tmp_path,
-        *("run", str(r.model_path), "--mmproj", str(r.mmproj_path), "--max-tokens", "6"),
+        *("run", str(text), "--mmproj", str(mmproj), "--max-tokens", "6"),
         *("--temperature", "0", "Describe it. ./photo.png"),
     )
     assert run.returncode == 0, run.stderr
     assert "Added image './photo.png'" in run.stderr
-    with load_model(r.model_path, r.mmproj_path, LoadOptions(n_threads=2)) as lm:
+    with load_model(text, mmproj, LoadOptions(n_threads=2)) as lm:
         chat = lm.session(params=SamplingParams(temperature=0, max_tokens=6, seed=1))
         reply = chat.ask("Describe it.", [load_image(tmp_path / "photo.png")])
     assert run.stdout.strip() == reply.text.strip() != ""
 
 
+@needs_torch
 def test_minigptv2_without_lora_is_refused(tmp_path: Path) -> None:
     import torch
 
@@ -168,6 +183,7 @@ def _fails(src: Path, out: Path, match: str) -> None:
     assert not out.exists() or not any(out.iterdir())
 
 
+@needs_torch
 def test_truncated_pth_is_one_clear_error(tmp_path: Path) -> None:
     src = shutil.copytree(ROOT / "minigpt4", tmp_path / "m")
     data = (src / "blip2_pretrained_flant5xxl.pth").read_bytes()
@@ -175,6 +191,7 @@ def test_truncated_pth_is_one_clear_error(tmp_path: Path) -> None:
     _fails(src, tmp_path / "out", "blip2_pretrained_flant5xxl.pth cannot be loaded safely")
 
 
+@needs_torch
 def test_missing_files(tmp_path: Path) -> None:
     src = shutil.copytree(ROOT / "minigpt4", tmp_path / "m")
     (src / "blip2_pretrained_flant5xxl.pth").unlink()
@@ -188,6 +205,7 @@ def test_missing_files(tmp_path: Path) -> None:
     _fails(src, tmp_path / "o4", "no config.json")
 
 
+@needs_torch
 def test_lavis_opt_checkpoint_is_refused(tmp_path: Path) -> None:
     import torch
 
@@ -213,6 +231,7 @@ def _mmchat(home: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[st
     )
 
 
+@needs_torch
 def test_parts_elsewhere_convert_with_flags_then_run(tmp_path: Path) -> None:
     """MiniGPT-4 (Vicuna) with eva_vit_g.pth, the BLIP-2 Q-Former and the LLM in other
     places: `mmchat convert --eva --qformer --llm`, then `mmchat run` by name with an image;
@@ -251,6 +270,7 @@ def test_parts_elsewhere_convert_with_flags_then_run(tmp_path: Path) -> None:
     assert answer == reply.text.strip()
 
 
+@needs_torch
 def test_flags_a_family_does_not_read_are_refused(tmp_path: Path) -> None:
     from mmchat.converters import convert
 
@@ -269,3 +289,22 @@ def test_flags_a_family_does_not_read_are_refused(tmp_path: Path) -> None:
             files={"llm": ROOT / "minigpt4" / "vicuna"},
         )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@needs_torch
+@pytest.mark.parametrize("variant", sorted(COMMITTED))
+def test_committed_files_equal_a_fresh_conversion(tmp_path: Path, variant: str) -> None:
+    """The default suite's committed GGUFs are what the converter writes today."""
+    from gguf import GGUFReader
+
+    sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+    from convert_qformer_original_fixtures import convert_variant
+
+    fresh = convert_variant(variant, tmp_path)
+    for got_path, name in zip(fresh, ("text.gguf", "mmproj.gguf"), strict=True):
+        want, got = GGUFReader(COMMITTED[variant] / name), GGUFReader(got_path)
+        assert [t.name for t in got.tensors] == [t.name for t in want.tensors], name
+        for a, b in zip(got.tensors, want.tensors, strict=True):
+            assert a.tensor_type == b.tensor_type and np.array_equal(a.data, b.data), a.name
+        for key, field in want.fields.items():
+            assert key in got.fields and got.fields[key].contents() == field.contents(), key
