@@ -2,7 +2,10 @@
 
 The estimate reads only GGUF headers: the weights (both files' tensor bytes, which llama.cpp
 maps or copies whole), the KV cache for the context (``n_layer x n_ctx x 2 x n_head_kv x
-head_dim`` elements, f16 by default), and a compute reserve (llama.cpp's graph buffers:
+head_dim`` elements, f16 by default; for a cross-attention decoder — IDEFICS, OpenFlamingo —
+also the image keys/values its gated blocks hold: ``2 x width x rows x slots`` per block, where
+width is the block's key width, rows the Perceiver's latents and slots the images the
+context keeps at once), and a compute reserve (llama.cpp's graph buffers:
 about one micro-batch of activations plus the output logits, floored at 64 MB). What the
 machine has is ``MemAvailable`` from /proc/meminfo (physical pages free or reclaimable), or
 the free physical pages where that file does not exist.
@@ -62,9 +65,31 @@ def estimate(
     ctx_train = _int(info, f"{arch}.context_length")
     ctx = min(n_ctx, ctx_train) if ctx_train else n_ctx
     kv = int(n_layer * ctx * n_head_kv * (k_len + v_len) * KV_BYTES.get(kv_type, 2))
+    if mmproj is not None:
+        kv += _image_kv(info, mmproj, kv_type)
     weights = _tensor_bytes(model) + (_tensor_bytes(mmproj) if mmproj is not None else 0)
     compute = max(64 << 20, 4 * n_batch * (8 * n_embd + n_vocab) + 4 * n_vocab)
     return MemoryEstimate(weights=weights, kv_cache=kv, compute=compute)
+
+
+IMAGE_SLOTS = 16
+"""Images a cross-attention context holds at once (``mmchat.runtime.flamingo``'s default)."""
+
+
+def _image_kv(info: object, mmproj: Path, kv_type: str) -> int:
+    """Bytes of the image keys/values of a cross-attention decoder's gated blocks (0 for a
+    decoder without them). The cross-attention decoder keeps f16 or f32 K/V only."""
+    widths = [  # ggml order: [n_embd_image, width]
+        int(t.shape[-1])
+        for t in info.tensors  # type: ignore[attr-defined]
+        if t.name.endswith(".xattn_k.weight") and t.shape
+    ]
+    if not widths:
+        return 0
+    latents = read_gguf(mmproj, role="projector (mmproj)").tensor("perc.latents")
+    rows = int(latents.shape[-1]) if latents is not None and latents.shape else 64  # [W, n]
+    per_value = 4 if kv_type == "f32" else 2
+    return 2 * sum(widths) * rows * IMAGE_SLOTS * per_value
 
 
 def available_memory() -> int | None:

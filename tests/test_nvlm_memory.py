@@ -35,6 +35,21 @@ def test_estimate_counts_weights_and_the_kv_cache(files: tuple[Path, Path]) -> N
     assert est.total == est.weights + est.kv_cache + est.compute
 
 
+def test_cross_attention_models_count_their_image_keys_and_values() -> None:
+    """IDEFICS / OpenFlamingo: each gated block keeps keys and values for the images the
+    context holds (16 slots of n_latents rows, f16 unless the cache is f32)."""
+    of = Path(__file__).parent / "fixtures" / "openflamingo" / "gguf" / "neox"
+    text, mmproj = of / "text.gguf", of / "mmproj.gguf"
+    plain = estimate(text, None, n_ctx=64)
+    with_images = estimate(text, mmproj, n_ctx=64)
+    # 2 gated blocks x (K + V) x 512 wide x 64 latents x 16 slots x 2 bytes
+    assert with_images.kv_cache - plain.kv_cache == 2 * 2 * 512 * 64 * 16 * 2
+    f32 = estimate(text, mmproj, n_ctx=64, kv_type="f32")
+    assert f32.kv_cache - estimate(text, None, n_ctx=64, kv_type="f32").kv_cache == (
+        2 * 2 * 512 * 64 * 16 * 4
+    )
+
+
 def test_describe_says_when_it_does_not_fit() -> None:
     est = MemoryEstimate(weights=40 * 10**9, kv_cache=2 * 10**9, compute=10**8)
     assert "needs about 42.1 GB" in describe(est, None)
