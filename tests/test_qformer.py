@@ -78,11 +78,13 @@ def test_wordpiece_matches_bert_tokenizer() -> None:
 @pytest.mark.parametrize("model", MODELS)
 def test_conversion_writes_the_documented_layout(outdir: Path, model: str) -> None:
     from mmchat.gguf_meta import read_gguf
+    from mmchat.store.inspect import tokens_per_image
 
     text, mmproj = converted(outdir, model)
     v = read_gguf(mmproj)
     assert v.get("clip.projector_type") == "qformer"
     assert v.get("qformer.query_count") == 8 and v.get("qformer.cross_attention_frequency") == 2
+    assert tokens_per_image(v) == 8  # what mmchat show / /api/show report
     assert v.tensor("v.blk.0.attn_k.bias") is None  # EVA: no k bias
     assert v.tensor("v.blk.0.attn_q.bias") is not None and v.tensor("v.post_ln.weight") is not None
     assert v.tensor("qf.blk.1.cross_q.weight") is None and v.tensor("qf.blk.2.cross_k.weight")

@@ -112,6 +112,7 @@ def test_eva_concat_rows_and_logits(tmp_path: Path, variant: str) -> None:
     system text then ``<s>[INST] … [/INST] ``."""
     from mmchat.gguf_meta import read_gguf
     from mmchat.runtime import LoadOptions, load_model
+    from mmchat.store.inspect import tokens_per_image
     from mmchat.vision import open_vision
     from mmchat.vision.qformer import QformerEngine
 
@@ -127,6 +128,7 @@ def test_eva_concat_rows_and_logits(tmp_path: Path, variant: str) -> None:
         assert isinstance(eng, QformerEngine) and not eng.reads_instruction
         with eng:
             assert eng.tokens_for(load_image(IMAGES / "pixel.png")) == n_rows
+            assert tokens_per_image(v) == n_rows  # what mmchat show / /api/show report
             print(f"\n{variant} f32: rows / final logits, rel L2 vs the reference")
             for name in meta["images"]:
                 emb = eng.encode(load_image(IMAGES / f"{name}.png"))

@@ -96,6 +96,12 @@ def tokens_per_image(info: GGUFInfo) -> int | None:
     ptype = (_projector_type(info) or "mlp").lower()
     if ptype in ("mlp", "mlp_norm"):
         return side * side
+    if ptype == "qformer":  # the learned queries, whatever the image
+        queries = info.get("qformer.query_count")
+        return int(queries) if isinstance(queries, int) else None
+    if ptype == "eva_concat":  # MiniGPT-v2 / MiniGPT-4 (Llama 2): n patch rows side by side
+        rows = info.get("mmchat.vision.concat_rows")
+        return side * side // rows if isinstance(rows, int) and rows > 0 else None
     if ptype in ("ldp", "ldpv2", "internvl", "internvit"):  # 2x2 merge / pixel shuffle 0.5
         return (side // 2) ** 2
     if ptype in ("gemma3", "idefics3", "llama4", "lfm2"):
