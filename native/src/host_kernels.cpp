@@ -373,8 +373,9 @@ ggml_tensor * host_linear(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, 
     if (!host_f32(x) || x->ne[0] != w->ne[0]) return nullptr;
     if (b && (!host_f32(b) || ggml_nelements(b) != w->ne[1])) return nullptr;
     ggml_tensor * args[3] = {w, x, b};
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], x->ne[1], x->ne[2], x->ne[3], args, b ? 3 : 2, linear_op,
-                          GGML_N_TASKS_MAX, nullptr);
+    ggml_tensor * y = ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], x->ne[1], x->ne[2], x->ne[3], args, b ? 3 : 2,
+                                     linear_op, GGML_N_TASKS_MAX, nullptr);
+    return ggml_set_name(y, "host_linear");
 }
 
 ggml_tensor * host_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, int64_t n_head) {
@@ -385,8 +386,9 @@ ggml_tensor * host_attention(ggml_context * ctx, ggml_tensor * q, ggml_tensor * 
     }
     if (NK < MR || H / n_head < MR) return nullptr;  // a panel spans 32 keys / 32 head columns
     ggml_tensor * args[3] = {q, k, v};
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, H, q->ne[1], q->ne[2], 1, args, 3, attention_op, GGML_N_TASKS_MAX,
-                          reinterpret_cast<void *>(static_cast<intptr_t>(n_head)));
+    ggml_tensor * y = ggml_custom_4d(ctx, GGML_TYPE_F32, H, q->ne[1], q->ne[2], 1, args, 3, attention_op,
+                                     GGML_N_TASKS_MAX, reinterpret_cast<void *>(static_cast<intptr_t>(n_head)));
+    return ggml_set_name(y, "host_attention");
 }
 
 ggml_tensor * host_layer_norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b, float eps) {
@@ -400,13 +402,15 @@ ggml_tensor * host_layer_norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor *
     if (b) args[n_args++] = b;
     uint32_t bits;
     std::memcpy(&bits, &eps, sizeof bits);
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, x->ne[0], x->ne[1], x->ne[2], x->ne[3], args, n_args, layer_norm_op,
-                          GGML_N_TASKS_MAX, reinterpret_cast<void *>(static_cast<uintptr_t>(bits)));
+    ggml_tensor * y = ggml_custom_4d(ctx, GGML_TYPE_F32, x->ne[0], x->ne[1], x->ne[2], x->ne[3], args, n_args,
+                                     layer_norm_op, GGML_N_TASKS_MAX,
+                                     reinterpret_cast<void *>(static_cast<uintptr_t>(bits)));
+    return ggml_set_name(y, "host_layer_norm");
 }
 
 ggml_tensor * host_gelu_erf(ggml_context * ctx, ggml_tensor * x) {
     if (!host_f32(x)) return nullptr;
-    return ggml_map_custom1(ctx, x, gelu_op, GGML_N_TASKS_MAX, nullptr);
+    return ggml_set_name(ggml_map_custom1(ctx, x, gelu_op, GGML_N_TASKS_MAX, nullptr), "host_gelu_erf");
 }
 
 #else  // no x86 GCC/Clang: the ggml ops everywhere

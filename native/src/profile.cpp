@@ -26,7 +26,13 @@ struct Totals {
 Totals g_totals;
 
 std::string key_of(const ggml_tensor * t) {
-    std::string k = ggml_op_desc(t);
+    // custom ops by their name (host_kernels.cpp names its own)
+    std::string k = (t->op == GGML_OP_CUSTOM || t->op == GGML_OP_MAP_CUSTOM1) && t->name[0] ? t->name : ggml_op_desc(t);
+    if (t->op == GGML_OP_CUSTOM && k != "host_linear") {
+        char buf[64];
+        std::snprintf(buf, sizeof buf, " [%lld,%lld,%lld]", (long long) t->ne[0], (long long) t->ne[1], (long long) t->ne[2]);
+        return k + buf;
+    }
     if ((t->op == GGML_OP_MUL_MAT || t->op == GGML_OP_CUSTOM) && t->src[0] && t->src[1]) {
         const ggml_tensor * a = t->src[0];
         const ggml_tensor * b = t->src[1];
