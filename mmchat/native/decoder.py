@@ -19,7 +19,7 @@ import numpy as np
 from mmchat.native.library import NativeLibrary, NativeUnavailableError, load_library
 from mmchat.native.model import MMV_ERR_INVALID_ARGUMENT, MMV_OK, NativeError
 
-MMD_ABI_VERSION = 1
+MMD_ABI_VERSION = 2
 
 
 class _ModelParams(ctypes.Structure):
@@ -55,6 +55,7 @@ class _ContextParams(ctypes.Structure):
 
 
 _I32P = ctypes.POINTER(ctypes.c_int32)
+_I8P = ctypes.POINTER(ctypes.c_int8)
 _F32P = ctypes.POINTER(ctypes.c_float)
 _declared: set[int] = set()
 _declare_lock = threading.Lock()
@@ -90,8 +91,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         _I32P,
         ctypes.c_int32,
     ]
+    lib.mmd_decode_batch.restype = ctypes.c_int
+    lib.mmd_decode_batch.argtypes = [h, ctypes.c_int32, _I32P, _I32P, _I32P, _I8P]
     lib.mmd_get_logits.restype = _F32P
     lib.mmd_get_logits.argtypes = [h]
+    lib.mmd_get_logits_ith.restype = _F32P
+    lib.mmd_get_logits_ith.argtypes = [h, ctypes.c_int32]
     lib.mmd_pos_max.restype = ctypes.c_int32
     lib.mmd_pos_max.argtypes = [h, ctypes.c_int32]
     lib.mmd_truncate.restype = ctypes.c_int
@@ -265,10 +270,50 @@ class DecoderContext:
             )
         )
 
+    def decode_batch(
+        self,
+        tokens: Sequence[int] | np.ndarray,
+        pos: Sequence[int] | np.ndarray,
+        seq_ids: Sequence[int] | np.ndarray,
+        logits: Sequence[int] | np.ndarray,
+    ) -> None:
+        """One graph for at most ``n_batch`` tokens of several sequences: token ``i`` at
+        ``pos[i]`` of sequence ``seq_ids[i]``; the logits of the tokens ``logits`` flags are
+        kept (:meth:`logits_ith`)."""
+        tok = np.ascontiguousarray(tokens, dtype=np.int32)
+        p = np.ascontiguousarray(pos, dtype=np.int32)
+        s = np.ascontiguousarray(seq_ids, dtype=np.int32)
+        want = np.ascontiguousarray(logits, dtype=np.int8)
+        n = len(tok)
+        if not (len(p) == len(s) == len(want) == n):
+            raise NativeError(
+                MMV_ERR_INVALID_ARGUMENT, "one position, sequence and logits flag per token"
+            )
+        self.model._check(
+            self.model.library.lib.mmd_decode_batch(
+                self._h(),
+                n,
+                tok.ctypes.data_as(_I32P),
+                p.ctypes.data_as(_I32P),
+                s.ctypes.data_as(_I32P),
+                want.ctypes.data_as(_I8P),
+            )
+        )
+
     def logits(self) -> np.ndarray:
+        """The logits of the last token that has logits in the last decode (a copy)."""
         ptr = self.model.library.lib.mmd_get_logits(self._h())
         if not ptr:
             raise NativeError(MMV_ERR_INVALID_ARGUMENT, "no logits: the last decode computed none")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.info.n_vocab,)).copy()
+
+    def logits_ith(self, i: int) -> np.ndarray:
+        """The logits of token ``i`` of the last decode (a copy)."""
+        ptr = self.model.library.lib.mmd_get_logits_ith(self._h(), int(i))
+        if not ptr:
+            raise NativeError(
+                MMV_ERR_INVALID_ARGUMENT, f"no logits were computed for batch entry {i}"
+            )
         return np.ctypeslib.as_array(ptr, shape=(self.model.info.n_vocab,)).copy()
 
     def pos_max(self, seq: int = 0) -> int:

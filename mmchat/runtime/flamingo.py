@@ -269,25 +269,26 @@ class FlamingoBackend:
         self, tokens: np.ndarray, pos: np.ndarray, seq_ids: np.ndarray, logits: np.ndarray
     ) -> None:
         """Tokens of several sequences (parallel serving), as ``_llama.Context.decode_mixed``:
-        each sequence's entries are decoded in order, and the logits of the entries
-        ``logits`` marks are kept for ``logits_at(i)``."""
+        one graph per ``n_batch`` entries, each token attending to its own sequence only; the
+        logits of the entries ``logits`` marks are kept for ``logits_at(i)``."""
         toks = np.asarray(tokens, dtype=np.int32)
         p = np.asarray(pos, dtype=np.int32)
         seqs = np.asarray(seq_ids, dtype=np.int32)
-        want = np.asarray(logits, dtype=bool)
+        want = np.asarray(logits, dtype=np.int8)
         self._mixed = {}
-        for s in dict.fromkeys(int(x) for x in seqs):
-            idx = np.flatnonzero(seqs == s)
-            start = 0
-            for k, i in enumerate(idx):
-                if want[i] or k == len(idx) - 1:
-                    chunk = idx[start : k + 1]
-                    self._run(
-                        p[chunk], tokens=toks[chunk], embd=None, logits_last=bool(want[i]), seq_id=s
-                    )
-                    if want[i]:
-                        self._mixed[int(i)] = self.ctx.logits()
-                    start = k + 1
+        n = len(toks)
+        t0 = time.perf_counter()
+        for s in range(0, n, self.n_batch):
+            e = min(n, s + self.n_batch)
+            try:
+                self.ctx.decode_batch(toks[s:e], p[s:e], seqs[s:e], want[s:e])
+            except self._error as exc:
+                raise _llama.DecodeError(3, f"the cross-attention decoder failed: {exc}") from None
+            for i in np.flatnonzero(want[s:e]):
+                self._mixed[s + int(i)] = self.ctx.logits_ith(int(i))
+        key = "eval" if n == 1 else "prompt_eval"  # as llama.cpp counts a batch
+        self._perf[f"{key}_ms"] += (time.perf_counter() - t0) * 1000.0
+        self._perf[f"n_{key}"] += n
 
     def logits_at(self, i: int) -> np.ndarray:
         """Logits of entry ``i`` of the last ``decode_mixed``."""

@@ -23,7 +23,12 @@
  *    whose <|endofchunk|> does not end an image's reach) lies strictly between that image
  *    and p. A token attending to
  *    no image gets no cross-attention output; the gated dense part still applies to it;
- *  - mmd_truncate drops positions >= n_keep (tokens, images and end-of-sequence marks).
+ *  - mmd_truncate drops positions >= n_keep (tokens, images and end-of-sequence marks);
+ *  - mmd_decode_batch decodes tokens of several sequences in one graph (parallel generation):
+ *    each token attends to its own sequence's cells and its own sequence's image only, so the
+ *    logits equal those of decoding each sequence alone.
+ *
+ * ABI version 2 added mmd_decode_batch and mmd_get_logits_ith.
  */
 #ifndef MMDECODER_H
 #define MMDECODER_H
@@ -34,7 +39,7 @@
 extern "C" {
 #endif
 
-#define MMD_ABI_VERSION 1
+#define MMD_ABI_VERSION 2
 
 typedef struct mmd_model mmd_model;
 typedef struct mmd_context mmd_context;
@@ -91,8 +96,20 @@ MMV_API mmv_status mmd_add_image(mmd_context * ctx, int32_t seq, int32_t pos, co
 MMV_API mmv_status mmd_decode(mmd_context * ctx, int32_t seq, int32_t n, const int32_t * tokens, const float * embd,
                               const int32_t * pos, int32_t logits_last);
 
-/* n_vocab floats of the last mmd_decode with logits_last; NULL if there are none. */
+/* Decode n tokens of any sequences in one batch: token i at position pos[i] of sequence
+ * seq_ids[i] (each (sequence, position) once).
+ * logits: n flags, the logits of the tokens flagged non-zero are computed (mmd_get_logits_ith);
+ * NULL: the last token's only. n <= n_batch. */
+MMV_API mmv_status mmd_decode_batch(mmd_context * ctx, int32_t n, const int32_t * tokens, const int32_t * pos,
+                                    const int32_t * seq_ids, const int8_t * logits);
+
+/* n_vocab floats: the logits of the last token that has logits in the last mmd_decode /
+ * mmd_decode_batch; NULL if there are none. Valid until the next decode. */
 MMV_API const float * mmd_get_logits(const mmd_context * ctx);
+
+/* n_vocab floats: the logits of token i of the last mmd_decode / mmd_decode_batch; NULL if
+ * none were computed for it. Valid until the next decode. */
+MMV_API const float * mmd_get_logits_ith(const mmd_context * ctx, int32_t i);
 
 MMV_API int32_t    mmd_pos_max(const mmd_context * ctx, int32_t seq); /* -1 when empty */
 MMV_API mmv_status mmd_truncate(mmd_context * ctx, int32_t seq, int32_t n_keep);

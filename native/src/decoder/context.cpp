@@ -1,7 +1,8 @@
 // The cross-attention decoder's core, shared by every architecture: self-attention KV cache
 // (cell = position, one block of n_ctx cells per sequence), per-image cross-attention K/V
-// (computed once, in slots), the media mask, batched prompt evaluation, last-position logits
-// and the C ABI of mmdecoder.h. The layers themselves are per architecture (decoder.h).
+// (computed once, in slots), the media mask, batches of one sequence (prompts) or of several
+// (parallel generation: one graph for every sequence's next token), the logits of the tokens a
+// batch asks for and the C ABI of mmdecoder.h. The layers themselves are per architecture (decoder.h).
 //
 // Media rule (both architectures): a token at position p sees the image with the largest
 // position <= p (IDEFICS's image_attention_mask, open_flamingo's only_attend_immediate_media
@@ -18,29 +19,37 @@
 #include <new>
 #include <set>
 #include <thread>
+#include <utility>
 
 namespace mmd {
 namespace {
 
 struct Batch {
-    int32_t seq = 0, n = 0;
+    int32_t n = 0;
     const int32_t * tokens = nullptr;
     const float * embd = nullptr;
     const int32_t * pos = nullptr;
-    bool logits = false;
-    // derived on the host
+    std::vector<int32_t> seq;         // per token
+    std::vector<int32_t> out;         // tokens whose logits are computed, ascending
+    // derived on the host (plan / media)
+    std::vector<int32_t> seqs;        // distinct sequences, ascending
+    std::vector<int32_t> kv_base;     // per seqs entry: where its cells start among the n_kv attended
+    std::vector<int32_t> kv_len;      // per seqs entry: its cells attended (top position + 1)
+    int32_t n_kv = 0;
     std::vector<int32_t> img_of;      // per token: index into refs, or -1
-    std::vector<int32_t> refs;        // distinct images (indices into seq.images) the batch sees
+    std::vector<std::pair<int32_t, int32_t>> refs;  // distinct (sequence, index into its images) seen
     int32_t n_xrows = 0;              // rows of all refs together
+    size_t seq_index(int32_t s) const {
+        return static_cast<size_t>(std::lower_bound(seqs.begin(), seqs.end(), s) - seqs.begin());
+    }
 };
 
 struct Graph {
     mmv::context_ptr ctx;
     ggml_cgraph * gf = nullptr;
-    ggml_tensor *inp = nullptr, *pos = nullptr, *kv_idx = nullptr, *mask = nullptr;
+    ggml_tensor *inp = nullptr, *pos = nullptr, *kv_idx = nullptr, *kv_read = nullptr, *mask = nullptr;
     ggml_tensor *x_rows = nullptr, *x_mask = nullptr, *x_gate = nullptr;
-    ggml_tensor * out = nullptr;
-    int32_t n_kv = 0;
+    ggml_tensor *out_idx = nullptr, *out = nullptr;
 };
 
 // q [DH, NH, NT], k/v [DH, NKV_H, NK] (views) -> [DH*NH, NT]
@@ -77,10 +86,16 @@ ggml_tensor * self_attention(ggml_context * ctx, mmd_context & c, int32_t il, gg
     ggml_tensor * vc = c.v_cache[static_cast<size_t>(il)];
     kc = ggml_set_rows(ctx, kc, ggml_reshape_2d(ctx, k, EKV, NT), in.kv_idx);
     vc = ggml_set_rows(ctx, vc, v, in.kv_idx);
-    ggml_tensor * kview = ggml_view_3d(ctx, kc, DH, NHKV, in.n_kv, ggml_row_size(kc->type, DH), kc->nb[1],
-                                       static_cast<size_t>(in.cell0) * kc->nb[1]);
-    ggml_tensor * vview = ggml_view_3d(ctx, vc, DH, NHKV, in.n_kv, ggml_row_size(vc->type, DH), vc->nb[1],
-                                       static_cast<size_t>(in.cell0) * vc->nb[1]);
+    ggml_tensor *kview = nullptr, *vview = nullptr;
+    if (in.kv_read) {  // several sequences: their cells gathered (f32 rows)
+        kview = ggml_reshape_3d(ctx, ggml_get_rows(ctx, kc, in.kv_read), DH, NHKV, in.n_kv);
+        vview = ggml_reshape_3d(ctx, ggml_get_rows(ctx, vc, in.kv_read), DH, NHKV, in.n_kv);
+    } else {
+        kview = ggml_view_3d(ctx, kc, DH, NHKV, in.n_kv, ggml_row_size(kc->type, DH), kc->nb[1],
+                             static_cast<size_t>(in.cell0) * kc->nb[1]);
+        vview = ggml_view_3d(ctx, vc, DH, NHKV, in.n_kv, ggml_row_size(vc->type, DH), vc->nb[1],
+                             static_cast<size_t>(in.cell0) * vc->nb[1]);
+    }
     const float scale = hp.attn_scale > 0.f ? hp.attn_scale : 1.0f / std::sqrt(static_cast<float>(DH));
     return attend(ctx, q, kview, vview, in.mask, scale, hp.alibi_max_bias);
 }
@@ -99,7 +114,7 @@ ggml_tensor * cross_attention(ggml_context * ctx, mmd_context & c, int32_t xb, g
 
 namespace {
 
-Graph build(mmd_context & c, const Batch & b, int32_t n_kv) {
+Graph build(mmd_context & c, const Batch & b) {
     const mmd_model & m = *c.model;
     const Hparams & hp = m.hp;
     ggml_init_params ip{};
@@ -111,8 +126,7 @@ Graph build(mmd_context & c, const Batch & b, int32_t n_kv) {
     if (!g.ctx) throw std::bad_alloc();
     ggml_context * ctx = g.ctx.get();
     g.gf = ggml_new_graph_custom(ctx, c.graph_size, false);
-    g.n_kv = n_kv;
-    const int64_t NT = b.n, E = hp.n_embd;
+    const int64_t NT = b.n, E = hp.n_embd, n_kv = b.n_kv;
     const int64_t cells = static_cast<int64_t>(c.params.n_ctx);
     auto input = [&](ggml_tensor * t, const char * name) {
         ggml_set_name(t, name);
@@ -129,6 +143,7 @@ Graph build(mmd_context & c, const Batch & b, int32_t n_kv) {
     }
     g.pos = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I32, NT), "pos");
     g.kv_idx = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I64, NT), "kv_idx");
+    if (b.seqs.size() > 1) g.kv_read = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_kv), "kv_read");
     g.mask = input(ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, NT), "kq_mask");
     if (b.n_xrows > 0) {
         g.x_rows = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I32, b.n_xrows), "x_rows");
@@ -138,17 +153,19 @@ Graph build(mmd_context & c, const Batch & b, int32_t n_kv) {
     StepInputs in;
     in.pos = g.pos;
     in.kv_idx = g.kv_idx;
+    in.kv_read = g.kv_read;
     in.mask = g.mask;
     in.x_rows = g.x_rows;
     in.x_mask = g.x_mask;
     in.x_gate = g.x_gate;
     in.n_tokens = NT;
     in.n_kv = n_kv;
-    in.cell0 = static_cast<int64_t>(b.seq) * cells;
+    in.cell0 = g.kv_read ? 0 : static_cast<int64_t>(b.seqs.front()) * cells;
     in.n_xrows = b.n_xrows;
     x = hp.arch == Arch::Idefics ? idefics_layers(ctx, c, x, in) : openflamingo_layers(ctx, c, x, in);
-    if (b.logits) {
-        ggml_tensor * last = ggml_view_2d(ctx, x, E, 1, x->nb[1], static_cast<size_t>(NT - 1) * x->nb[1]);
+    if (!b.out.empty()) {
+        g.out_idx = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I32, static_cast<int64_t>(b.out.size())), "out_idx");
+        ggml_tensor * last = ggml_get_rows(ctx, x, g.out_idx);  // [E, n_out]
         ggml_tensor * h = hp.arch == Arch::OpenFlamingo  // LayerNorm (bias optional: MPT has none)
                               ? ggml_mul(ctx, ggml_norm(ctx, last, hp.rms_eps), m.output_norm)
                               : norm(ctx, last, m.output_norm, nullptr, hp.rms_eps);
@@ -164,17 +181,42 @@ Graph build(mmd_context & c, const Batch & b, int32_t n_kv) {
     return g;
 }
 
-// The image each token of the batch sees (see mmdecoder.h).
-void media(const mmd_context & c, Batch & b) {
-    const auto & s = c.seqs[static_cast<size_t>(b.seq)];
-    b.img_of.assign(static_cast<size_t>(b.n), -1);
-    b.refs.clear();
-    std::vector<int32_t> eos = s.eos;
-    if (b.tokens && c.params.eos_token >= 0) {
-        for (int32_t i = 0; i < b.n; ++i)
-            if (b.tokens[i] == c.params.eos_token) eos.push_back(b.pos[i]);
+// The sequences of the batch and the cells each token attends: a sequence's cells 0..top
+// (its highest position in the cache or the batch), the sequences one after another.
+void plan(const mmd_context & c, Batch & b) {
+    b.seqs.assign(b.seq.begin(), b.seq.end());
+    std::sort(b.seqs.begin(), b.seqs.end());
+    b.seqs.erase(std::unique(b.seqs.begin(), b.seqs.end()), b.seqs.end());
+    std::vector<int32_t> top(b.seqs.size(), -1);
+    for (size_t k = 0; k < b.seqs.size(); ++k) {
+        const auto & used = c.seqs[static_cast<size_t>(b.seqs[k])].used;
+        for (int32_t p = c.params.n_ctx - 1; p >= 0; --p)
+            if (used[static_cast<size_t>(p)]) {
+                top[k] = p;
+                break;
+            }
     }
     for (int32_t i = 0; i < b.n; ++i) {
+        int32_t & t = top[b.seq_index(b.seq[static_cast<size_t>(i)])];
+        t = std::max(t, b.pos[i]);
+    }
+    b.kv_base.clear();
+    b.kv_len.clear();
+    b.n_kv = 0;
+    for (int32_t t : top) {
+        b.kv_base.push_back(b.n_kv);
+        b.kv_len.push_back(t + 1);
+        b.n_kv += t + 1;
+    }
+}
+
+// The image each token of the batch sees: its own sequence's (see mmdecoder.h).
+void media(const mmd_context & c, Batch & b) {
+    b.img_of.assign(static_cast<size_t>(b.n), -1);
+    b.refs.clear();
+    for (int32_t i = 0; i < b.n; ++i) {
+        const int32_t sq = b.seq[static_cast<size_t>(i)];
+        const auto & s = c.seqs[static_cast<size_t>(sq)];
         const int32_t p = b.pos[i];
         int32_t best = -1;
         for (size_t j = 0; j < s.images.size(); ++j)
@@ -182,16 +224,25 @@ void media(const mmd_context & c, Batch & b) {
                 best = static_cast<int32_t>(j);
         if (best < 0) continue;
         const int32_t ip = s.images[static_cast<size_t>(best)].pos;
-        if (std::any_of(eos.begin(), eos.end(), [&](int32_t e) { return e > ip && e < p; })) continue;
-        auto it = std::find(b.refs.begin(), b.refs.end(), best);
+        auto ends_reach = [&](int32_t e) { return e > ip && e < p; };
+        if (std::any_of(s.eos.begin(), s.eos.end(), ends_reach)) continue;
+        if (b.tokens && c.params.eos_token >= 0) {  // end-of-sequence tokens of this batch, same sequence
+            bool ended = false;
+            for (int32_t j = 0; j < b.n && !ended; ++j)
+                ended = b.seq[static_cast<size_t>(j)] == sq && b.tokens[j] == c.params.eos_token && ends_reach(b.pos[j]);
+            if (ended) continue;
+        }
+        const std::pair<int32_t, int32_t> ref{sq, best};
+        auto it = std::find(b.refs.begin(), b.refs.end(), ref);
         if (it == b.refs.end()) {
-            b.refs.push_back(best);
+            b.refs.push_back(ref);
             it = b.refs.end() - 1;
         }
         b.img_of[static_cast<size_t>(i)] = static_cast<int32_t>(it - b.refs.begin());
     }
     b.n_xrows = 0;
-    for (int32_t r : b.refs) b.n_xrows += s.images[static_cast<size_t>(r)].n_rows;
+    for (const auto & r : b.refs)
+        b.n_xrows += c.seqs[static_cast<size_t>(r.first)].images[static_cast<size_t>(r.second)].n_rows;
 }
 
 mmv_status run_graph(mmd_context & c, Graph & g) {
@@ -214,44 +265,54 @@ mmv_status compute(mmd_context & c, Graph & g) {
 
 mmv_status decode(mmd_context & c, Batch & b) {
     const mmd_model & m = *c.model;
-    auto & s = c.seqs[static_cast<size_t>(b.seq)];
-    int32_t top = -1;
-    for (int32_t p = 0; p < c.params.n_ctx; ++p)
-        if (s.used[static_cast<size_t>(p)]) top = p;
-    for (int32_t i = 0; i < b.n; ++i) top = std::max(top, b.pos[i]);
-    const int32_t n_kv = top + 1;
+    const int32_t n_ctx = c.params.n_ctx;
+    plan(c, b);
     media(c, b);
-    Graph g = build(c, b, n_kv);
+    Graph g = build(c, b);
     mmv_status st = run_graph(c, g);
     if (st != MMV_OK) return st;
 
-    const size_t NT = static_cast<size_t>(b.n);
+    const size_t NT = static_cast<size_t>(b.n), n_kv = static_cast<size_t>(b.n_kv);
     if (b.tokens) ggml_backend_tensor_set(g.inp, b.tokens, 0, NT * sizeof(int32_t));
     else ggml_backend_tensor_set(g.inp, b.embd, 0, NT * static_cast<size_t>(m.hp.n_embd) * sizeof(float));
     if (g.pos->buffer) ggml_backend_tensor_set(g.pos, b.pos, 0, NT * sizeof(int32_t));  // unused without rope (MPT)
     std::vector<int64_t> idx(NT);
-    for (size_t i = 0; i < NT; ++i) idx[i] = static_cast<int64_t>(b.seq) * c.params.n_ctx + b.pos[i];
+    for (size_t i = 0; i < NT; ++i) idx[i] = static_cast<int64_t>(b.seq[i]) * n_ctx + b.pos[i];
     ggml_backend_tensor_set(g.kv_idx, idx.data(), 0, NT * sizeof(int64_t));
-    // causal mask over cells: a cell is visible when it holds a position <= the token's and is
-    // either already in the cache or written by this batch
-    std::vector<uint8_t> visible(s.used.begin(), s.used.begin() + n_kv);
-    for (size_t i = 0; i < NT; ++i) visible[static_cast<size_t>(b.pos[i])] = 1;
+    if (g.kv_read) {
+        std::vector<int32_t> read;
+        read.reserve(n_kv);
+        for (size_t k = 0; k < b.seqs.size(); ++k)
+            for (int32_t p = 0; p < b.kv_len[k]; ++p) read.push_back(b.seqs[k] * n_ctx + p);
+        ggml_backend_tensor_set(g.kv_read, read.data(), 0, n_kv * sizeof(int32_t));
+    }
+    // causal mask over cells: a token sees a cell of its own sequence that holds a position <=
+    // its own and is either already in the cache or written by this batch
+    std::vector<std::vector<uint8_t>> visible(b.seqs.size());
+    for (size_t k = 0; k < b.seqs.size(); ++k) {
+        const auto & used = c.seqs[static_cast<size_t>(b.seqs[k])].used;
+        visible[k].assign(used.begin(), used.begin() + b.kv_len[k]);
+    }
+    for (size_t i = 0; i < NT; ++i) visible[b.seq_index(b.seq[i])][static_cast<size_t>(b.pos[i])] = 1;
     const float ninf = -std::numeric_limits<float>::infinity();
-    std::vector<float> mask(static_cast<size_t>(n_kv) * NT, ninf);
-    for (size_t i = 0; i < NT; ++i)
+    std::vector<float> mask(n_kv * NT, ninf);
+    for (size_t i = 0; i < NT; ++i) {
+        const size_t k = b.seq_index(b.seq[i]);
+        const size_t base = static_cast<size_t>(b.kv_base[k]);
         for (int32_t p = 0; p <= b.pos[i]; ++p)
-            if (visible[static_cast<size_t>(p)]) {
+            if (visible[k][static_cast<size_t>(p)]) {
                 // ALiBi (MPT): the mask carries -(distance), ggml scales it by each head's slope
                 const float d = m.hp.alibi_max_bias > 0.f ? -static_cast<float>(b.pos[i] - p) : 0.f;
-                mask[i * static_cast<size_t>(n_kv) + static_cast<size_t>(p)] = d;
+                mask[i * n_kv + base + static_cast<size_t>(p)] = d;
             }
+    }
     ggml_backend_tensor_set(g.mask, mask.data(), 0, mask.size() * sizeof(float));
     if (b.n_xrows > 0) {
         const size_t R = static_cast<size_t>(b.n_xrows);
         std::vector<int32_t> rows;
         std::vector<int32_t> owner;  // ref index per row
         for (size_t r = 0; r < b.refs.size(); ++r) {
-            const auto & im = s.images[static_cast<size_t>(b.refs[r])];
+            const auto & im = c.seqs[static_cast<size_t>(b.refs[r].first)].images[static_cast<size_t>(b.refs[r].second)];
             for (int32_t j = 0; j < im.n_rows; ++j) {
                 rows.push_back(im.slot * c.params.n_image_rows + j);
                 owner.push_back(static_cast<int32_t>(r));
@@ -269,20 +330,24 @@ mmv_status decode(mmd_context & c, Batch & b) {
         ggml_backend_tensor_set(g.x_mask, xm.data(), 0, xm.size() * sizeof(float));
         ggml_backend_tensor_set(g.x_gate, gate.data(), 0, NT * sizeof(float));
     }
+    if (g.out_idx) ggml_backend_tensor_set(g.out_idx, b.out.data(), 0, b.out.size() * sizeof(int32_t));
     st = compute(c, g);
     if (st != MMV_OK) return st;
-    for (size_t i = 0; i < NT; ++i) s.used[static_cast<size_t>(b.pos[i])] = 1;
+    for (size_t i = 0; i < NT; ++i) c.seqs[static_cast<size_t>(b.seq[i])].used[static_cast<size_t>(b.pos[i])] = 1;
     if (b.tokens && c.params.eos_token >= 0) {
         for (size_t i = 0; i < NT; ++i)
-            if (b.tokens[i] == c.params.eos_token) s.eos.push_back(b.pos[i]);
-        std::sort(s.eos.begin(), s.eos.end());
-        s.eos.erase(std::unique(s.eos.begin(), s.eos.end()), s.eos.end());
+            if (b.tokens[i] == c.params.eos_token) c.seqs[static_cast<size_t>(b.seq[i])].eos.push_back(b.pos[i]);
+        for (int32_t sq : b.seqs) {
+            auto & eos = c.seqs[static_cast<size_t>(sq)].eos;
+            std::sort(eos.begin(), eos.end());
+            eos.erase(std::unique(eos.begin(), eos.end()), eos.end());
+        }
     }
-    c.has_logits = b.logits;
-    if (b.logits) {
-        c.logits.resize(static_cast<size_t>(m.hp.n_vocab));
-        ggml_backend_tensor_get(g.out, c.logits.data(), 0, c.logits.size() * sizeof(float));
-    }
+    const size_t V = static_cast<size_t>(m.hp.n_vocab);
+    c.logits.resize(V * b.out.size());
+    c.logits_row.assign(NT, -1);
+    for (size_t j = 0; j < b.out.size(); ++j) c.logits_row[static_cast<size_t>(b.out[j])] = static_cast<int32_t>(j);
+    if (!b.out.empty()) ggml_backend_tensor_get(g.out, c.logits.data(), 0, c.logits.size() * sizeof(float));
     ggml_backend_sched_reset(c.sched.get());
     return MMV_OK;
 }
@@ -401,11 +466,14 @@ void create(mmd_context & c) {
     Batch b;
     b.n = p.n_batch;
     b.pos = pos.data();
-    b.logits = true;
+    b.seq.assign(static_cast<size_t>(p.n_batch), 0);
+    b.seqs = {0};
+    b.n_kv = p.n_ctx;
+    b.out = {p.n_batch - 1};
     b.n_xrows = std::min<int32_t>(p.n_batch, p.n_image_slots) * p.n_image_rows;
     std::vector<int32_t> toks(static_cast<size_t>(p.n_batch), 0);
     b.tokens = toks.data();
-    Graph g = build(c, b, p.n_ctx);
+    Graph g = build(c, b);
     if (!ggml_backend_sched_reserve(c.sched.get(), g.gf)) {
         throw mmv::Error(MMV_ERR_OUT_OF_MEMORY, "not enough memory on " + m.device_name + " for a batch of " +
                                                     std::to_string(p.n_batch) + " tokens");
@@ -414,6 +482,25 @@ void create(mmd_context & c) {
 
 
 bool bad_seq(const mmd_context * c, int32_t seq) { return c == nullptr || seq < 0 || seq >= c->params.n_seq; }
+
+// Positions inside the context, each (sequence, position) once, token ids in the vocabulary.
+mmv_status bad_entries(const mmd_context & c, int32_t n, const int32_t * tokens, const int32_t * pos,
+                       const int32_t * seq) {
+    std::set<int64_t> seen;
+    for (int32_t i = 0; i < n; ++i) {
+        if (pos[i] < 0 || pos[i] >= c.params.n_ctx) {
+            return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "position " + std::to_string(pos[i]) + " is outside the context (" +
+                                                           std::to_string(c.params.n_ctx) + ")");
+        }
+        if (!seen.insert(static_cast<int64_t>(seq[i]) * c.params.n_ctx + pos[i]).second) {
+            return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "a position of a sequence appears twice in the batch");
+        }
+        if (tokens && (tokens[i] < 0 || tokens[i] >= c.model->hp.n_vocab)) {
+            return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "token id " + std::to_string(tokens[i]) + " is outside the vocabulary");
+        }
+    }
+    return MMV_OK;
+}
 
 }  // namespace
 }  // namespace mmd
@@ -482,31 +569,56 @@ mmv_status mmd_decode(mmd_context * ctx, int32_t seq, int32_t n, const int32_t *
     if (n < 1 || n > ctx->params.n_batch) {
         return mmv::fail(MMV_ERR_INVALID_ARGUMENT, std::to_string(n) + " tokens; 1.." + std::to_string(ctx->params.n_batch) + " per call");
     }
-    std::set<int32_t> seen;
-    for (int32_t i = 0; i < n; ++i) {
-        if (pos[i] < 0 || pos[i] >= ctx->params.n_ctx) {
-            return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "position " + std::to_string(pos[i]) + " is outside the context (" +
-                                                           std::to_string(ctx->params.n_ctx) + ")");
-        }
-        if (!seen.insert(pos[i]).second) return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "a position appears twice in the batch");
-        if (tokens && (tokens[i] < 0 || tokens[i] >= ctx->model->hp.n_vocab)) {
-            return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "token id " + std::to_string(tokens[i]) + " is outside the vocabulary");
-        }
-    }
+    const std::vector<int32_t> seqs(static_cast<size_t>(n), seq);
+    if (mmd::bad_entries(*ctx, n, tokens, pos, seqs.data()) != MMV_OK) return MMV_ERR_INVALID_ARGUMENT;
     return mmv::guarded("decoding", [&]() {
         mmd::Batch b;
-        b.seq = seq;
+        b.seq = seqs;
         b.n = n;
         b.tokens = tokens;
         b.embd = embd;
         b.pos = pos;
-        b.logits = logits_last != 0;
+        if (logits_last) b.out = {n - 1};
+        return mmd::decode(*ctx, b);
+    });
+}
+
+mmv_status mmd_decode_batch(mmd_context * ctx, int32_t n, const int32_t * tokens, const int32_t * pos,
+                            const int32_t * seq_ids, const int8_t * logits) {
+    if (ctx == nullptr || tokens == nullptr || pos == nullptr || seq_ids == nullptr) {
+        return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "NULL context, tokens, positions or sequences");
+    }
+    if (n < 1 || n > ctx->params.n_batch) {
+        return mmv::fail(MMV_ERR_INVALID_ARGUMENT, std::to_string(n) + " tokens; 1.." + std::to_string(ctx->params.n_batch) + " per call");
+    }
+    for (int32_t i = 0; i < n; ++i)
+        if (mmd::bad_seq(ctx, seq_ids[i])) {
+            return mmv::fail(MMV_ERR_INVALID_ARGUMENT, "sequence " + std::to_string(seq_ids[i]) + " is outside 0.." +
+                                                           std::to_string(ctx->params.n_seq - 1));
+        }
+    if (mmd::bad_entries(*ctx, n, tokens, pos, seq_ids) != MMV_OK) return MMV_ERR_INVALID_ARGUMENT;
+    return mmv::guarded("decoding", [&]() {
+        mmd::Batch b;
+        b.n = n;
+        b.tokens = tokens;
+        b.pos = pos;
+        b.seq.assign(seq_ids, seq_ids + n);
+        for (int32_t i = 0; i < n; ++i)
+            if (logits ? logits[i] != 0 : i == n - 1) b.out.push_back(i);
         return mmd::decode(*ctx, b);
     });
 }
 
 const float * mmd_get_logits(const mmd_context * ctx) {
-    return ctx && ctx->has_logits ? ctx->logits.data() : nullptr;
+    if (ctx == nullptr || ctx->logits.empty()) return nullptr;
+    return ctx->logits.data() + ctx->logits.size() - static_cast<size_t>(ctx->model->hp.n_vocab);
+}
+
+const float * mmd_get_logits_ith(const mmd_context * ctx, int32_t i) {
+    if (ctx == nullptr || i < 0 || static_cast<size_t>(i) >= ctx->logits_row.size()) return nullptr;
+    const int32_t row = ctx->logits_row[static_cast<size_t>(i)];
+    if (row < 0) return nullptr;
+    return ctx->logits.data() + static_cast<size_t>(row) * static_cast<size_t>(ctx->model->hp.n_vocab);
 }
 
 int32_t mmd_pos_max(const mmd_context * ctx, int32_t seq) {
@@ -526,7 +638,8 @@ mmv_status mmd_truncate(mmd_context * ctx, int32_t seq, int32_t n_keep) {
 void mmd_clear(mmd_context * ctx) {
     if (ctx == nullptr) return;
     for (int32_t s = 0; s < ctx->params.n_seq; ++s) mmd::truncate(*ctx, s, 0);
-    ctx->has_logits = false;
+    ctx->logits.clear();
+    ctx->logits_row.clear();
 }
 
 int32_t mmd_n_images(const mmd_context * ctx, int32_t seq) {

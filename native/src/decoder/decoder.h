@@ -142,20 +142,24 @@ struct mmd_context {
     std::vector<uint8_t> slot_used;
 
     std::vector<Seq> seqs;
-    std::vector<float> logits;
-    bool has_logits = false;
+    std::vector<float> logits;       // n_vocab per token of the last batch that computed logits
+    std::vector<int32_t> logits_row;  // per token of the last batch: its row in logits, or -1
 };
 
 namespace mmd {
 void apply_n_threads(ggml_backend_t backend, int32_t n_threads);
 
-// The inputs of one decoder step (one batch of one sequence), set by the core.
+// The inputs of one decoder step (one batch of tokens of one or several sequences), set by the
+// core.
 struct StepInputs {
     ggml_tensor * pos = nullptr;     // [NT] i32
     ggml_tensor * kv_idx = nullptr;  // [NT] i64 cells the batch writes
-    ggml_tensor * mask = nullptr;    // [n_kv, NT] causal mask over the sequence's cells
+    // the n_kv cells attended: one sequence: n_kv cells from cell0 on (a view of the cache);
+    // several: the cells kv_read lists (gathered rows of the cache), each sequence's in turn
+    ggml_tensor * kv_read = nullptr; // [n_kv] i32, or null
+    ggml_tensor * mask = nullptr;    // [n_kv, NT] causal mask: a token sees its own sequence's cells
     ggml_tensor * x_rows = nullptr;  // [n_xrows] image rows (slot rows) the batch sees, or null
-    ggml_tensor * x_mask = nullptr;  // [n_xrows, NT] each token sees its image's rows only
+    ggml_tensor * x_mask = nullptr;  // [n_xrows, NT] each token sees its own sequence's image's rows only
     ggml_tensor * x_gate = nullptr;  // [1, NT] 0 for a token without an image, else 1
     int64_t n_tokens = 0, n_kv = 0, cell0 = 0, n_xrows = 0;
 };
