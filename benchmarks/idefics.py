@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,34 @@ def strip_cross(src: Path, dst: Path) -> None:
     w.close()
 
 
+def time_loop(
+    prefill: Callable[[], None], step: Callable[[int], None], n: int, runs: int, gen: int
+) -> tuple[float, float]:
+    """Median prompt seconds and decode seconds per token over ``runs`` after one warm-up:
+    ``prefill()`` evaluates the ``n``-token prompt, ``step(pos)`` one greedy token."""
+    pre, dec = [], []
+    for _ in range(runs + 1):
+        t0 = time.perf_counter()
+        prefill()
+        pre.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for i in range(gen):
+            step(n + i)
+        dec.append((time.perf_counter() - t0) / gen)
+    return statistics.median(pre[1:]), statistics.median(dec[1:])
+
+
+def write_section(section: str, text: str) -> None:
+    """Put ``text`` (starting with the ``section`` heading) into benchmarks/RESULTS.md in
+    place of that section's old text, or at the end."""
+    old = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
+    if section in old:
+        head, rest = old.split(section, 1)
+        nxt = rest.find("\n## ")
+        old = head + (rest[nxt + 1 :] if nxt >= 0 else "")
+    RESULTS.write_text(old.rstrip("\n") + "\n\n" + text)
+
+
 def native_side(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     from mmchat.converters import convert
 
@@ -160,16 +189,7 @@ def native_side(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     n = len(ids)
 
     def timed(prefill: Any, step: Any) -> tuple[float, float]:
-        pre, dec = [], []
-        for _ in range(args.runs + 1):
-            t0 = time.perf_counter()
-            prefill()
-            pre.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            for i in range(args.gen):
-                step(n + i)
-            dec.append((time.perf_counter() - t0) / args.gen)
-        return statistics.median(pre[1:]), statistics.median(dec[1:])
+        return time_loop(prefill, step, n, args.runs, args.gen)
 
     be = FlamingoBackend(
         r.model_path,
@@ -282,12 +302,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        old = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-        if SECTION in old:
-            head, rest = old.split(SECTION, 1)
-            nxt = rest.find("\n## ")
-            old = head + (rest[nxt + 1 :] if nxt >= 0 else "")
-        RESULTS.write_text(old.rstrip("\n") + "\n\n" + text)
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":
