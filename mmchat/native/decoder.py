@@ -301,7 +301,7 @@ class DecoderContext:
         )
 
     def logits(self) -> np.ndarray:
-        """The logits of the last token that has logits in the last decode (a copy)."""
+        """The logits of the last decode's last entry with logits (a copy)."""
         ptr = self.model.library.lib.mmd_get_logits(self._h())
         if not ptr:
             raise NativeError(MMV_ERR_INVALID_ARGUMENT, "no logits: the last decode computed none")

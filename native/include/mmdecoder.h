@@ -103,8 +103,8 @@ MMV_API mmv_status mmd_decode(mmd_context * ctx, int32_t seq, int32_t n, const i
 MMV_API mmv_status mmd_decode_batch(mmd_context * ctx, int32_t n, const int32_t * tokens, const int32_t * pos,
                                     const int32_t * seq_ids, const int8_t * logits);
 
-/* n_vocab floats: the logits of the last token that has logits in the last mmd_decode /
- * mmd_decode_batch; NULL if there are none. Valid until the next decode. */
+/* n_vocab floats: the logits of the last mmd_decode with logits_last (after mmd_decode_batch:
+ * of its highest-index token with logits); NULL if there are none. Valid until the next decode. */
 MMV_API const float * mmd_get_logits(const mmd_context * ctx);
 
 /* n_vocab floats: the logits of token i of the last mmd_decode / mmd_decode_batch; NULL if

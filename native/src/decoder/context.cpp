@@ -17,6 +17,7 @@
 #include <cstring>
 #include <limits>
 #include <new>
+#include <numeric>
 #include <set>
 #include <thread>
 #include <utility>
@@ -29,25 +30,23 @@ struct Batch {
     const int32_t * tokens = nullptr;
     const float * embd = nullptr;
     const int32_t * pos = nullptr;
-    std::vector<int32_t> seq;         // per token
+    std::vector<int32_t> seq;         // per token; a sequence's tokens are contiguous
     std::vector<int32_t> out;         // tokens whose logits are computed, ascending
+    std::vector<int32_t> orig;        // per token: its index in the caller's batch (empty: the same)
     // derived on the host (plan / media)
-    std::vector<int32_t> seqs;        // distinct sequences, ascending
-    std::vector<int32_t> kv_base;     // per seqs entry: where its cells start among the n_kv attended
+    std::vector<int32_t> seqs;        // the sequences in token order
+    std::vector<int32_t> tok0, n_tok; // per seqs entry: its tokens
     std::vector<int32_t> kv_len;      // per seqs entry: its cells attended (top position + 1)
-    int32_t n_kv = 0;
     std::vector<int32_t> img_of;      // per token: index into refs, or -1
     std::vector<std::pair<int32_t, int32_t>> refs;  // distinct (sequence, index into its images) seen
     int32_t n_xrows = 0;              // rows of all refs together
-    size_t seq_index(int32_t s) const {
-        return static_cast<size_t>(std::lower_bound(seqs.begin(), seqs.end(), s) - seqs.begin());
-    }
 };
 
 struct Graph {
     mmv::context_ptr ctx;
     ggml_cgraph * gf = nullptr;
-    ggml_tensor *inp = nullptr, *pos = nullptr, *kv_idx = nullptr, *kv_read = nullptr, *mask = nullptr;
+    ggml_tensor *inp = nullptr, *pos = nullptr, *kv_idx = nullptr;
+    std::vector<ggml_tensor *> masks;  // per seqs entry
     ggml_tensor *x_rows = nullptr, *x_mask = nullptr, *x_gate = nullptr;
     ggml_tensor *out_idx = nullptr, *out = nullptr;
 };
@@ -86,18 +85,24 @@ ggml_tensor * self_attention(ggml_context * ctx, mmd_context & c, int32_t il, gg
     ggml_tensor * vc = c.v_cache[static_cast<size_t>(il)];
     kc = ggml_set_rows(ctx, kc, ggml_reshape_2d(ctx, k, EKV, NT), in.kv_idx);
     vc = ggml_set_rows(ctx, vc, v, in.kv_idx);
-    ggml_tensor *kview = nullptr, *vview = nullptr;
-    if (in.kv_read) {  // several sequences: their cells gathered (f32 rows)
-        kview = ggml_reshape_3d(ctx, ggml_get_rows(ctx, kc, in.kv_read), DH, NHKV, in.n_kv);
-        vview = ggml_reshape_3d(ctx, ggml_get_rows(ctx, vc, in.kv_read), DH, NHKV, in.n_kv);
-    } else {
-        kview = ggml_view_3d(ctx, kc, DH, NHKV, in.n_kv, ggml_row_size(kc->type, DH), kc->nb[1],
-                             static_cast<size_t>(in.cell0) * kc->nb[1]);
-        vview = ggml_view_3d(ctx, vc, DH, NHKV, in.n_kv, ggml_row_size(vc->type, DH), vc->nb[1],
-                             static_cast<size_t>(in.cell0) * vc->nb[1]);
-    }
     const float scale = hp.attn_scale > 0.f ? hp.attn_scale : 1.0f / std::sqrt(static_cast<float>(DH));
-    return attend(ctx, q, kview, vview, in.mask, scale, hp.alibi_max_bias);
+    // each sequence's tokens over its own cells (several sequences: one attention per
+    // sequence, the rows joined again; the projections around it run once for the batch)
+    ggml_tensor * out = nullptr;
+    for (const SeqSpan & sp : in.spans) {
+        ggml_tensor * kview = ggml_view_3d(ctx, kc, DH, NHKV, sp.n_kv, ggml_row_size(kc->type, DH), kc->nb[1],
+                                           static_cast<size_t>(sp.cell0) * kc->nb[1]);
+        ggml_tensor * vview = ggml_view_3d(ctx, vc, DH, NHKV, sp.n_kv, ggml_row_size(vc->type, DH), vc->nb[1],
+                                           static_cast<size_t>(sp.cell0) * vc->nb[1]);
+        ggml_tensor * qs = in.spans.size() == 1
+                               ? q
+                               : ggml_view_3d(ctx, q, q->ne[0], q->ne[1], sp.n_tok, q->nb[1], q->nb[2],
+                                              static_cast<size_t>(sp.tok0) * q->nb[2]);
+        ggml_tensor * a = attend(ctx, qs, kview, vview, sp.mask, scale, hp.alibi_max_bias);
+        out = out ? ggml_concat(ctx, out, a, 1) : a;
+    }
+    GGML_ASSERT(out != nullptr && out->ne[1] == NT);
+    return out;
 }
 
 ggml_tensor * cross_attention(ggml_context * ctx, mmd_context & c, int32_t xb, ggml_tensor * q, const StepInputs & in) {
@@ -126,7 +131,7 @@ Graph build(mmd_context & c, const Batch & b) {
     if (!g.ctx) throw std::bad_alloc();
     ggml_context * ctx = g.ctx.get();
     g.gf = ggml_new_graph_custom(ctx, c.graph_size, false);
-    const int64_t NT = b.n, E = hp.n_embd, n_kv = b.n_kv;
+    const int64_t NT = b.n, E = hp.n_embd;
     const int64_t cells = static_cast<int64_t>(c.params.n_ctx);
     auto input = [&](ggml_tensor * t, const char * name) {
         ggml_set_name(t, name);
@@ -143,8 +148,9 @@ Graph build(mmd_context & c, const Batch & b) {
     }
     g.pos = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I32, NT), "pos");
     g.kv_idx = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I64, NT), "kv_idx");
-    if (b.seqs.size() > 1) g.kv_read = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_kv), "kv_read");
-    g.mask = input(ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, NT), "kq_mask");
+    for (size_t k = 0; k < b.seqs.size(); ++k) {
+        g.masks.push_back(input(ggml_new_tensor_2d(ctx, GGML_TYPE_F32, b.kv_len[k], b.n_tok[k]), "kq_mask"));
+    }
     if (b.n_xrows > 0) {
         g.x_rows = input(ggml_new_tensor_1d(ctx, GGML_TYPE_I32, b.n_xrows), "x_rows");
         g.x_mask = input(ggml_new_tensor_2d(ctx, GGML_TYPE_F32, b.n_xrows, NT), "x_mask");
@@ -153,14 +159,19 @@ Graph build(mmd_context & c, const Batch & b) {
     StepInputs in;
     in.pos = g.pos;
     in.kv_idx = g.kv_idx;
-    in.kv_read = g.kv_read;
-    in.mask = g.mask;
+    for (size_t k = 0; k < b.seqs.size(); ++k) {
+        SeqSpan sp;
+        sp.tok0 = b.tok0[k];
+        sp.n_tok = b.n_tok[k];
+        sp.cell0 = static_cast<int64_t>(b.seqs[k]) * cells;
+        sp.n_kv = b.kv_len[k];
+        sp.mask = g.masks[k];
+        in.spans.push_back(sp);
+    }
     in.x_rows = g.x_rows;
     in.x_mask = g.x_mask;
     in.x_gate = g.x_gate;
     in.n_tokens = NT;
-    in.n_kv = n_kv;
-    in.cell0 = g.kv_read ? 0 : static_cast<int64_t>(b.seqs.front()) * cells;
     in.n_xrows = b.n_xrows;
     x = hp.arch == Arch::Idefics ? idefics_layers(ctx, c, x, in) : openflamingo_layers(ctx, c, x, in);
     if (!b.out.empty()) {
@@ -181,32 +192,32 @@ Graph build(mmd_context & c, const Batch & b) {
     return g;
 }
 
-// The sequences of the batch and the cells each token attends: a sequence's cells 0..top
-// (its highest position in the cache or the batch), the sequences one after another.
+// The sequences of the batch (their tokens are contiguous) and the cells each attends: its
+// cells 0..top (its highest position in the cache or the batch).
 void plan(const mmd_context & c, Batch & b) {
-    b.seqs.assign(b.seq.begin(), b.seq.end());
-    std::sort(b.seqs.begin(), b.seqs.end());
-    b.seqs.erase(std::unique(b.seqs.begin(), b.seqs.end()), b.seqs.end());
-    std::vector<int32_t> top(b.seqs.size(), -1);
+    b.seqs.clear();
+    b.tok0.clear();
+    b.n_tok.clear();
+    for (int32_t i = 0; i < b.n; ++i) {
+        const int32_t sq = b.seq[static_cast<size_t>(i)];
+        if (b.seqs.empty() || b.seqs.back() != sq) {
+            b.seqs.push_back(sq);
+            b.tok0.push_back(i);
+            b.n_tok.push_back(0);
+        }
+        ++b.n_tok.back();
+    }
+    b.kv_len.clear();
     for (size_t k = 0; k < b.seqs.size(); ++k) {
         const auto & used = c.seqs[static_cast<size_t>(b.seqs[k])].used;
+        int32_t top = -1;
         for (int32_t p = c.params.n_ctx - 1; p >= 0; --p)
             if (used[static_cast<size_t>(p)]) {
-                top[k] = p;
+                top = p;
                 break;
             }
-    }
-    for (int32_t i = 0; i < b.n; ++i) {
-        int32_t & t = top[b.seq_index(b.seq[static_cast<size_t>(i)])];
-        t = std::max(t, b.pos[i]);
-    }
-    b.kv_base.clear();
-    b.kv_len.clear();
-    b.n_kv = 0;
-    for (int32_t t : top) {
-        b.kv_base.push_back(b.n_kv);
-        b.kv_len.push_back(t + 1);
-        b.n_kv += t + 1;
+        for (int32_t i = b.tok0[k]; i < b.tok0[k] + b.n_tok[k]; ++i) top = std::max(top, b.pos[i]);
+        b.kv_len.push_back(top + 1);
     }
 }
 
@@ -272,41 +283,32 @@ mmv_status decode(mmd_context & c, Batch & b) {
     mmv_status st = run_graph(c, g);
     if (st != MMV_OK) return st;
 
-    const size_t NT = static_cast<size_t>(b.n), n_kv = static_cast<size_t>(b.n_kv);
+    const size_t NT = static_cast<size_t>(b.n);
     if (b.tokens) ggml_backend_tensor_set(g.inp, b.tokens, 0, NT * sizeof(int32_t));
     else ggml_backend_tensor_set(g.inp, b.embd, 0, NT * static_cast<size_t>(m.hp.n_embd) * sizeof(float));
     if (g.pos->buffer) ggml_backend_tensor_set(g.pos, b.pos, 0, NT * sizeof(int32_t));  // unused without rope (MPT)
     std::vector<int64_t> idx(NT);
     for (size_t i = 0; i < NT; ++i) idx[i] = static_cast<int64_t>(b.seq[i]) * n_ctx + b.pos[i];
     ggml_backend_tensor_set(g.kv_idx, idx.data(), 0, NT * sizeof(int64_t));
-    if (g.kv_read) {
-        std::vector<int32_t> read;
-        read.reserve(n_kv);
-        for (size_t k = 0; k < b.seqs.size(); ++k)
-            for (int32_t p = 0; p < b.kv_len[k]; ++p) read.push_back(b.seqs[k] * n_ctx + p);
-        ggml_backend_tensor_set(g.kv_read, read.data(), 0, n_kv * sizeof(int32_t));
-    }
-    // causal mask over cells: a token sees a cell of its own sequence that holds a position <=
-    // its own and is either already in the cache or written by this batch
-    std::vector<std::vector<uint8_t>> visible(b.seqs.size());
+    // causal mask per sequence over its cells: a token sees a cell that holds a position <= its
+    // own and is either already in the cache or written by this batch
+    const float ninf = -std::numeric_limits<float>::infinity();
     for (size_t k = 0; k < b.seqs.size(); ++k) {
         const auto & used = c.seqs[static_cast<size_t>(b.seqs[k])].used;
-        visible[k].assign(used.begin(), used.begin() + b.kv_len[k]);
+        const size_t n_kv = static_cast<size_t>(b.kv_len[k]);
+        const int32_t i0 = b.tok0[k], i1 = b.tok0[k] + b.n_tok[k];
+        std::vector<uint8_t> visible(used.begin(), used.begin() + b.kv_len[k]);
+        for (int32_t i = i0; i < i1; ++i) visible[static_cast<size_t>(b.pos[i])] = 1;
+        std::vector<float> mask(n_kv * static_cast<size_t>(b.n_tok[k]), ninf);
+        for (int32_t i = i0; i < i1; ++i)
+            for (int32_t p = 0; p <= b.pos[i]; ++p)
+                if (visible[static_cast<size_t>(p)]) {
+                    // ALiBi (MPT): the mask carries -(distance), ggml scales it by each head's slope
+                    const float d = m.hp.alibi_max_bias > 0.f ? -static_cast<float>(b.pos[i] - p) : 0.f;
+                    mask[static_cast<size_t>(i - i0) * n_kv + static_cast<size_t>(p)] = d;
+                }
+        ggml_backend_tensor_set(g.masks[k], mask.data(), 0, mask.size() * sizeof(float));
     }
-    for (size_t i = 0; i < NT; ++i) visible[b.seq_index(b.seq[i])][static_cast<size_t>(b.pos[i])] = 1;
-    const float ninf = -std::numeric_limits<float>::infinity();
-    std::vector<float> mask(n_kv * NT, ninf);
-    for (size_t i = 0; i < NT; ++i) {
-        const size_t k = b.seq_index(b.seq[i]);
-        const size_t base = static_cast<size_t>(b.kv_base[k]);
-        for (int32_t p = 0; p <= b.pos[i]; ++p)
-            if (visible[k][static_cast<size_t>(p)]) {
-                // ALiBi (MPT): the mask carries -(distance), ggml scales it by each head's slope
-                const float d = m.hp.alibi_max_bias > 0.f ? -static_cast<float>(b.pos[i] - p) : 0.f;
-                mask[i * n_kv + base + static_cast<size_t>(p)] = d;
-            }
-    }
-    ggml_backend_tensor_set(g.mask, mask.data(), 0, mask.size() * sizeof(float));
     if (b.n_xrows > 0) {
         const size_t R = static_cast<size_t>(b.n_xrows);
         std::vector<int32_t> rows;
@@ -346,7 +348,10 @@ mmv_status decode(mmd_context & c, Batch & b) {
     const size_t V = static_cast<size_t>(m.hp.n_vocab);
     c.logits.resize(V * b.out.size());
     c.logits_row.assign(NT, -1);
-    for (size_t j = 0; j < b.out.size(); ++j) c.logits_row[static_cast<size_t>(b.out[j])] = static_cast<int32_t>(j);
+    for (size_t j = 0; j < b.out.size(); ++j) {
+        const int32_t i = b.orig.empty() ? b.out[j] : b.orig[static_cast<size_t>(b.out[j])];
+        c.logits_row[static_cast<size_t>(i)] = static_cast<int32_t>(j);
+    }
     if (!b.out.empty()) ggml_backend_tensor_get(g.out, c.logits.data(), 0, c.logits.size() * sizeof(float));
     ggml_backend_sched_reset(c.sched.get());
     return MMV_OK;
@@ -454,7 +459,8 @@ void create(mmd_context & c) {
     c.seqs.resize(static_cast<size_t>(p.n_seq));
     for (auto & s : c.seqs) s.used.assign(static_cast<size_t>(p.n_ctx), 0);
 
-    c.graph_size = 64 * n_layer + 48 * n_x + 256;
+    // several sequences in a batch: one attention per sequence and layer (about a dozen nodes)
+    c.graph_size = (64 + 16 * static_cast<size_t>(p.n_seq)) * n_layer + 48 * n_x + 256;
     c.graph_meta.resize(ggml_tensor_overhead() * c.graph_size + ggml_graph_overhead_custom(c.graph_size, false));
     std::vector<ggml_backend_t> backends{c.backend.get()};
     if (c.backend_cpu) backends.push_back(c.backend_cpu.get());
@@ -468,7 +474,9 @@ void create(mmd_context & c) {
     b.pos = pos.data();
     b.seq.assign(static_cast<size_t>(p.n_batch), 0);
     b.seqs = {0};
-    b.n_kv = p.n_ctx;
+    b.tok0 = {0};
+    b.n_tok = {p.n_batch};
+    b.kv_len = {p.n_ctx};
     b.out = {p.n_batch - 1};
     b.n_xrows = std::min<int32_t>(p.n_batch, p.n_image_slots) * p.n_image_rows;
     std::vector<int32_t> toks(static_cast<size_t>(p.n_batch), 0);
@@ -598,20 +606,31 @@ mmv_status mmd_decode_batch(mmd_context * ctx, int32_t n, const int32_t * tokens
         }
     if (mmd::bad_entries(*ctx, n, tokens, pos, seq_ids) != MMV_OK) return MMV_ERR_INVALID_ARGUMENT;
     return mmv::guarded("decoding", [&]() {
+        // grouped by sequence (stable: each sequence's tokens keep their order)
         mmd::Batch b;
         b.n = n;
-        b.tokens = tokens;
-        b.pos = pos;
-        b.seq.assign(seq_ids, seq_ids + n);
-        for (int32_t i = 0; i < n; ++i)
-            if (logits ? logits[i] != 0 : i == n - 1) b.out.push_back(i);
+        b.orig.resize(static_cast<size_t>(n));
+        std::iota(b.orig.begin(), b.orig.end(), 0);
+        std::stable_sort(b.orig.begin(), b.orig.end(), [&](int32_t x, int32_t y) { return seq_ids[x] < seq_ids[y]; });
+        std::vector<int32_t> toks(static_cast<size_t>(n)), ps(static_cast<size_t>(n));
+        for (int32_t j = 0; j < n; ++j) {
+            const int32_t i = b.orig[static_cast<size_t>(j)];
+            toks[static_cast<size_t>(j)] = tokens[i];
+            ps[static_cast<size_t>(j)] = pos[i];
+            b.seq.push_back(seq_ids[i]);
+            if (logits ? logits[i] != 0 : i == n - 1) b.out.push_back(j);
+        }
+        b.tokens = toks.data();
+        b.pos = ps.data();
         return mmd::decode(*ctx, b);
     });
 }
 
 const float * mmd_get_logits(const mmd_context * ctx) {
-    if (ctx == nullptr || ctx->logits.empty()) return nullptr;
-    return ctx->logits.data() + ctx->logits.size() - static_cast<size_t>(ctx->model->hp.n_vocab);
+    if (ctx == nullptr) return nullptr;
+    for (int32_t i = static_cast<int32_t>(ctx->logits_row.size()) - 1; i >= 0; --i)
+        if (ctx->logits_row[static_cast<size_t>(i)] >= 0) return mmd_get_logits_ith(ctx, i);
+    return nullptr;
 }
 
 const float * mmd_get_logits_ith(const mmd_context * ctx, int32_t i) {

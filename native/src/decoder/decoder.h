@@ -149,19 +149,23 @@ struct mmd_context {
 namespace mmd {
 void apply_n_threads(ggml_backend_t backend, int32_t n_threads);
 
+// The tokens of one sequence in a batch (contiguous: the core groups a batch by sequence) and
+// the cells they attend: n_kv cells of the cache from cell0 on (the sequence's 0..top).
+struct SeqSpan {
+    int64_t tok0 = 0, n_tok = 0, cell0 = 0, n_kv = 0;
+    ggml_tensor * mask = nullptr;  // [n_kv, n_tok] causal mask over those cells
+};
+
 // The inputs of one decoder step (one batch of tokens of one or several sequences), set by the
 // core.
 struct StepInputs {
     ggml_tensor * pos = nullptr;     // [NT] i32
     ggml_tensor * kv_idx = nullptr;  // [NT] i64 cells the batch writes
-    // the n_kv cells attended: one sequence: n_kv cells from cell0 on (a view of the cache);
-    // several: the cells kv_read lists (gathered rows of the cache), each sequence's in turn
-    ggml_tensor * kv_read = nullptr; // [n_kv] i32, or null
-    ggml_tensor * mask = nullptr;    // [n_kv, NT] causal mask: a token sees its own sequence's cells
+    std::vector<SeqSpan> spans;      // per sequence of the batch, in token order
     ggml_tensor * x_rows = nullptr;  // [n_xrows] image rows (slot rows) the batch sees, or null
     ggml_tensor * x_mask = nullptr;  // [n_xrows, NT] each token sees its own sequence's image's rows only
     ggml_tensor * x_gate = nullptr;  // [1, NT] 0 for a token without an image, else 1
-    int64_t n_tokens = 0, n_kv = 0, cell0 = 0, n_xrows = 0;
+    int64_t n_tokens = 0, n_xrows = 0;
 };
 
 // --- shared graph pieces (context.cpp) ---
@@ -170,8 +174,8 @@ ggml_tensor * norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_te
 // x W^T (+ b)
 ggml_tensor * lin(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b);
 // Causal self-attention of layer il: roped q [DH, NH, NT], k [DH, NKV, NT], v [EKV, NT] are
-// written into the cache at the batch's cells, then attended; returns [DH * NH, NT] (before
-// the output projection).
+// written into the cache at the batch's cells, then each sequence's tokens attend to that
+// sequence's cells; returns [DH * NH, NT] (before the output projection).
 ggml_tensor * self_attention(ggml_context * ctx, mmd_context & c, int32_t il, ggml_tensor * q, ggml_tensor * k,
                              ggml_tensor * v, const StepInputs & in);
 // Cross-attention of block xb for q [inner, NT] over the image rows each token sees, zero for
