@@ -131,7 +131,7 @@ def test_images_from_files_end_to_end(runtime: Any) -> None:
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_generation_matches_transformers(runtime: Any, prompt: str) -> None:
-    from mmchat.runtime._llama import build_sampler
+    from mmchat.runtime.sampler import build_sampler
 
     meta, _ = goldens()
     p = meta["prompts"][prompt]
@@ -285,8 +285,8 @@ def test_float_gates_no_qk_norms_no_perceiver(tmp_path: Path) -> None:
     instruct tokenizer with <end_of_utterance>."""
     from mmchat.converters import convert
 
-    from mmchat.runtime._llama import build_sampler
     from mmchat.runtime.flamingo import IdeficsRuntime
+    from mmchat.runtime.sampler import build_sampler
 
     meta, g = goldens()
     r = convert(ROOT / "idefics_float", outdir=tmp_path, quant="f32", vision_quant="f32")

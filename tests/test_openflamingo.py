@@ -177,7 +177,7 @@ def test_images_change_the_answer(runtime: Any) -> None:
 
 @pytest.mark.parametrize("name", ["one_image", "two_images"])
 def test_greedy_tokens_match(runtime: Any, name: str) -> None:
-    from mmchat.runtime._llama import build_sampler
+    from mmchat.runtime.sampler import build_sampler
 
     meta, _ = goldens(runtime.variant)
     p = meta["prompts"][name]

@@ -43,7 +43,8 @@ from PIL import Image
 from mmchat.errors import CorruptFileError, UserError
 from mmchat.gguf_meta import GGUFInfo
 from mmchat.runtime import _llama
-from mmchat.runtime._llama import C, SamplerChain, TextModel
+from mmchat.runtime._llama import C, TextModel
+from mmchat.runtime.sampler import SamplerChain
 from mmchat.vision.cache import EmbeddingCache
 from mmchat.vision.engine import ImageEmbedding, VisionEngine, read_mmproj_header
 from mmchat.vision.image import PreparedImage, clip_crop_pixels

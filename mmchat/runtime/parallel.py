@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmchat.errors import UserError
-from mmchat.runtime import _llama
 from mmchat.runtime.events import Done, DoneReason, Event, Stats, Token
 from mmchat.runtime.kvseq import Chunk, ContextOverflowError, KVSequence
 from mmchat.runtime.pieces import PromptItem, PromptMedia, count_positions, prompt_units
+from mmchat.runtime.sampler import SamplerChain
 from mmchat.runtime.streaming import ReplyText
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class Job:
 
     items: list[PromptItem]
     params: SamplingParams
-    chain: _llama.SamplerChain
+    chain: SamplerChain
     cancel: threading.Event
     stats: Stats
     events: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from mmchat.errors import UserError
-from mmchat.runtime import _llama
 from mmchat.runtime.events import ContextTrimmed, Done, DoneReason, Event, Stats, Token
 from mmchat.runtime.messages import (
     ImageInput,
@@ -51,6 +50,7 @@ from mmchat.runtime.model import (
     seed_or_random,
 )
 from mmchat.runtime.options import SamplingParams
+from mmchat.runtime.sampler import SamplerChain, build_sampler
 from mmchat.runtime.streaming import ReplyText
 
 EXPORT_VERSION = 1
@@ -76,9 +76,9 @@ def grammar_for(p: SamplingParams) -> str | None:
         raise UserError(f"cannot use this JSON schema as a format: {exc}") from exc
 
 
-def sampler_for(model: LoadedModel, p: SamplingParams) -> _llama.SamplerChain:
+def sampler_for(model: LoadedModel, p: SamplingParams) -> SamplerChain:
     """The llama.cpp sampler chain for ``p`` (a bad grammar fails here)."""
-    return _llama.build_sampler(
+    return build_sampler(
         model.text,
         temperature=p.temperature,
         top_k=p.top_k,
@@ -281,7 +281,7 @@ class ChatSession:
         t_start = time.perf_counter()
         stats = Stats(load_ms=model.load_ms, queue_ms=(t_start - t_call) * 1000)
         added = False
-        chain: _llama.SamplerChain | None = None
+        chain: SamplerChain | None = None
         try:
             chain = self._sampler(p)  # a bad grammar fails here, before anything changes
             if user is not None:
@@ -363,13 +363,13 @@ class ChatSession:
             f"only {n_ctx} (shorten it or start with a larger context, e.g. --ctx)",
         )
 
-    def _sampler(self, p: SamplingParams) -> _llama.SamplerChain:
+    def _sampler(self, p: SamplingParams) -> SamplerChain:
         return sampler_for(self.model, p)
 
     def _generate(
         self,
         p: SamplingParams,
-        chain: _llama.SamplerChain,
+        chain: SamplerChain,
         stats: Stats,
         t_start: float,
         user_added: bool,
