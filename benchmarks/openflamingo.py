@@ -31,8 +31,11 @@ torch interpreter, which ``checkpoint.pt`` needs, with the project's site-packag
 timed through ``IdeficsRuntime`` (f32 KV); the text file with every ``blk.N.x*`` tensor
 dropped and Q/K/V fused as llama.cpp's ``gptneox`` / ``mpt`` graphs load them is timed
 through libllama (f32 KV, flash attention off): what the gated blocks cost, next to their
-FLOP share. Medians of ``--runs`` after one warm-up. The greedy tokens of torch and the
-native decoder are compared as a check that both ran the same model.
+FLOP share. Torch: medians of ``--runs`` after one warm-up. Native and llama.cpp alternate
+in ``--runs`` rounds (each a warm-up and a timed run of each), so that the load of a shared
+machine falls on both alike; their speeds are medians over the rounds, the blocks' cost the
+median of the rounds' native / llama.cpp ratios. The prompt's last logits and the greedy
+tokens of torch and the native decoder are compared as a check that both ran the same model.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import json
 import os
 import platform
 import site
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -357,11 +361,6 @@ def native_side(work: Path, ref: dict[str, Any], args: argparse.Namespace) -> di
         rt.backend.decode_one(greedy[-1], pos)
         greedy.append(int(np.argmax(rt.backend.last_logits())))
 
-    try:
-        fl = time_loop(fl_prefill, fl_step, n, args.runs, args.gen)
-    finally:
-        rt.close()
-
     plain = work / "plain.gguf"
     plain_gguf(Path(ref["text"]), plain)
     tm = _llama.TextModel(str(plain), n_gpu_layers=0)
@@ -377,11 +376,24 @@ def native_side(work: Path, ref: dict[str, Any], args: argparse.Namespace) -> di
         ctx.decode_one(int(np.argmax(ctx.last_logits())), pos)
 
     try:
-        ll = time_loop(ll_prefill, ll_step, n, args.runs, args.gen)
+        # alternate the two in every round so that a shared machine's load falls on both
+        rounds = [
+            [time_loop(pre, step, n, 1, args.gen) for pre, step in engines]
+            for engines in [[(fl_prefill, fl_step), (ll_prefill, ll_step)]] * args.runs
+        ]
     finally:
         ctx.close()
         tm.close()
-    return {"native": fl, "llama": ll, "native_greedy": greedy, "logits_diff": diff[0]}
+        rt.close()
+    med = statistics.median
+    return {
+        "native": (med(r[0][0] for r in rounds), med(r[0][1] for r in rounds)),
+        "llama": (med(r[1][0] for r in rounds), med(r[1][1] for r in rounds)),
+        # the blocks' cost: the median of each round's native / llama.cpp ratio
+        "cost": (med(r[0][0] / r[1][0] for r in rounds), med(r[0][1] / r[1][1] for r in rounds)),
+        "native_greedy": greedy,
+        "logits_diff": diff[0],
+    }
 
 
 def flop_share(h: int, layers: int, every_n: int, ctx: float, vis_dim: int, n_img: float) -> float:
@@ -462,7 +474,7 @@ def report(res: dict[str, dict[str, Any]], args: argparse.Namespace, load: list[
     notes = []
     for base, r in res.items():
         desc = BASES[base][2]
-        (fp, fd), (lp, ld) = r["native"], r["llama"]
+        (fp, fd), (lp, ld), (cp, cd) = r["native"], r["llama"], r["cost"]
         rows = [
             ("open_flamingo Flamingo, torch fp32 (KV-cached loop)", r["prefill_s"]),
             ("mmchat native decoder via IdeficsRuntime (f32, f32 KV)", fp),
@@ -481,11 +493,11 @@ def report(res: dict[str, dict[str, Any]], args: argparse.Namespace, load: list[
             agree += 1
         notes.append(
             f"{desc}: native vs torch: prompt {r['prefill_s'] / fp:.2f}x, decode "
-            f"{r['decode_s_per_tok'] / fd:.2f}x. Gated blocks over llama.cpp: prompt "
-            f"{fp / lp:.2f}x, decode {fd / ld:.2f}x; their FLOP share predicts {1 + sp:.2f}x / "
-            f"{1 + sd:.2f}x, so measured / predicted = {fp / lp / (1 + sp):.2f} / "
-            f"{fd / ld / (1 + sd):.2f} (extra time over extra FLOPs: "
-            f"{(fp / lp - 1) / sp:.2f} / {(fd / ld - 1) / sd:.2f}). Check: the prompt's last "
+            f"{r['decode_s_per_tok'] / fd:.2f}x. Gated blocks over llama.cpp (median of "
+            f"the rounds' ratios): prompt {cp:.2f}x, decode {cd:.2f}x; their FLOP share "
+            f"predicts {1 + sp:.2f}x / {1 + sd:.2f}x, so measured / predicted = "
+            f"{cp / (1 + sp):.2f} / {cd / (1 + sd):.2f} (extra time over extra FLOPs: "
+            f"{(cp - 1) / sp:.2f} / {(cd - 1) / sd:.2f}). Check: the prompt's last "
             f"logits differ from torch's by at most {r['logits_diff']:.1e}; greedy tokens "
             f"equal torch's for the first {agree} of {len(r['greedy'])}."
         )
