@@ -73,6 +73,27 @@ class VisionHParams:
         ]
 
 
+def tower_kv(v: VisionHParams, projector_type: str) -> list[tuple[str, Any]]:
+    """The ``clip.*`` keys of a CLIP tower whose rows leave at its own width (the
+    cross-attention families' vision files: IDEFICS, OpenFlamingo)."""
+    return [
+        ("clip.has_text_encoder", False),
+        ("clip.has_vision_encoder", True),
+        ("clip.projector_type", projector_type),
+        ("clip.use_gelu", v.use_gelu),
+        ("clip.vision.image_size", v.image_size),
+        ("clip.vision.patch_size", v.patch_size),
+        ("clip.vision.embedding_length", v.n_embd),
+        ("clip.vision.feed_forward_length", v.n_ff),
+        ("clip.vision.projection_dim", v.n_embd),
+        ("clip.vision.block_count", v.n_layer),
+        ("clip.vision.attention.head_count", v.n_head),
+        ("clip.vision.attention.layer_norm_epsilon", float(v.eps)),
+        ("clip.vision.image_mean", [float(x) for x in v.image_mean]),
+        ("clip.vision.image_std", [float(x) for x in v.image_std]),
+    ]
+
+
 def feature_layer_index(select: Any, n_layer: int) -> int:
     """LLaVA's ``select_layer`` (index into hidden_states, negative from the end) ->
     the non-negative index llama.cpp's ``clip.vision.feature_layer`` expects."""

@@ -38,7 +38,7 @@ from .base import (
     read_json_opt,
     require,
 )
-from .clip import VisionHParams, clip_vision_plan
+from .clip import VisionHParams, clip_vision_plan, tower_kv
 from .llama_text import llama_text_plan
 
 PROJECTOR = "idefics"
@@ -97,22 +97,8 @@ class IdeficsVision:
         return f"CLIP ViT + Perceiver resampler of {name} (IDEFICS, converted by mmchat)"
 
     def kv(self) -> list[tuple[str, Any]]:
-        v = self.vit
         return [
-            ("clip.has_text_encoder", False),
-            ("clip.has_vision_encoder", True),
-            ("clip.projector_type", self.projector_type),
-            ("clip.use_gelu", v.use_gelu),
-            ("clip.vision.image_size", v.image_size),
-            ("clip.vision.patch_size", v.patch_size),
-            ("clip.vision.embedding_length", v.n_embd),
-            ("clip.vision.feed_forward_length", v.n_ff),
-            ("clip.vision.projection_dim", v.n_embd),
-            ("clip.vision.block_count", v.n_layer),
-            ("clip.vision.attention.head_count", v.n_head),
-            ("clip.vision.attention.layer_norm_epsilon", float(v.eps)),
-            ("clip.vision.image_mean", [float(x) for x in v.image_mean]),
-            ("clip.vision.image_std", [float(x) for x in v.image_std]),
+            *tower_kv(self.vit, self.projector_type),
             ("mmchat.vision.family", "idefics"),
             ("idefics.use_resampler", self.use_resampler),
             ("idefics.perceiver.n_latents", self.n_latents),

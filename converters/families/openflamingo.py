@@ -31,7 +31,7 @@ from mmchat.errors import CorruptFileError, UserError
 from ..checkpoint import TensorRef, open_checkpoint
 from ..tokenizer import CONTROL
 from .base import FamilyPlan, TensorJob, expect_shape, job, read_json, read_json_opt
-from .clip import VisionHParams
+from .clip import VisionHParams, tower_kv
 from .openflamingo_lm import BASES, LAYERS, base_plan, fit_vocab
 from .openflamingo_parts import find_tower, split_rows, tower_plan
 from .original_files import OriginalFiles, torch_refs
@@ -84,22 +84,8 @@ class OpenFlamingoVision:
         return f"OpenCLIP ViT + Perceiver resampler of {name} (OpenFlamingo, converted by mmchat)"
 
     def kv(self) -> list[tuple[str, Any]]:
-        v = self.vit
         return [
-            ("clip.has_text_encoder", False),
-            ("clip.has_vision_encoder", True),
-            ("clip.projector_type", self.projector_type),
-            ("clip.use_gelu", v.use_gelu),
-            ("clip.vision.image_size", v.image_size),
-            ("clip.vision.patch_size", v.patch_size),
-            ("clip.vision.embedding_length", v.n_embd),
-            ("clip.vision.feed_forward_length", v.n_ff),
-            ("clip.vision.projection_dim", v.n_embd),
-            ("clip.vision.block_count", v.n_layer),
-            ("clip.vision.attention.head_count", v.n_head),
-            ("clip.vision.attention.layer_norm_epsilon", float(v.eps)),
-            ("clip.vision.image_mean", [float(x) for x in v.image_mean]),
-            ("clip.vision.image_std", [float(x) for x in v.image_std]),
+            *tower_kv(self.vit, self.projector_type),
             ("mmchat.vision.family", "openflamingo"),
             ("openflamingo.perceiver.n_latents", self.n_latents),
             ("openflamingo.perceiver.block_count", self.depth),
