@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_idefics_parity import _why
+from support.decoder import needs_decoder
 
 from mmchat.native.model import NativeError
 from mmchat.vision.image import load_image
 from mmchat.vision.synthetic import rel_l2
 
-pytestmark = pytest.mark.skipif(_why is not None, reason=f"no native decoder: {_why}")
+pytestmark = needs_decoder
 
 FIXTURES = Path(__file__).parent / "fixtures"
 IDEFICS = FIXTURES / "idefics"

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from support.decoder import needs_decoder
 
 from mmchat.errors import UserError
 from mmchat.vision.image import load_image
@@ -23,20 +24,7 @@ ROOT = Path(__file__).parent / "fixtures" / "idefics"
 PROMPTS = ["text_only", "one_image", "two_images", "adjacent_images", "after_eos"]
 
 
-def _decoder_available() -> str | None:
-    from mmchat.native.library import NativeUnavailableError
-
-    try:
-        from mmchat.native.decoder import decoder_library
-
-        decoder_library()
-    except NativeUnavailableError as exc:
-        return str(exc)
-    return None
-
-
-_why = _decoder_available()
-pytestmark = pytest.mark.skipif(_why is not None, reason=f"no native decoder: {_why}")
+pytestmark = needs_decoder
 
 
 @cache
@@ -131,23 +119,11 @@ def test_images_from_files_end_to_end(runtime: Any) -> None:
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_generation_matches_transformers(runtime: Any, prompt: str) -> None:
-    from mmchat.runtime.sampler import build_sampler
+    from support.sampling import greedy_chain
 
     meta, _ = goldens()
     p = meta["prompts"][prompt]
-    chain = build_sampler(
-        runtime.vocab,
-        temperature=0.0,
-        top_k=40,
-        top_p=1.0,
-        min_p=0.0,
-        repeat_penalty=1.0,
-        repeat_last_n=64,
-        frequency_penalty=0.0,
-        presence_penalty=0.0,
-        seed=0,
-        grammar=None,
-    )
+    chain = greedy_chain(runtime.vocab)
     try:
         out = runtime.generate(p["input_ids"], latents(p["images"]), 8, chain)
     finally:
@@ -284,9 +260,9 @@ def test_float_gates_no_qk_norms_no_perceiver(tmp_path: Path) -> None:
     use_resampler False (all 1 + n_patches ViT rows reach the cross-attention), and an
     instruct tokenizer with <end_of_utterance>."""
     from mmchat.converters import convert
+    from support.sampling import greedy_chain
 
     from mmchat.runtime.flamingo import IdeficsRuntime
-    from mmchat.runtime.sampler import build_sampler
 
     meta, g = goldens()
     r = convert(ROOT / "idefics_float", outdir=tmp_path, quant="f32", vision_quant="f32")
@@ -303,19 +279,7 @@ def test_float_gates_no_qk_norms_no_perceiver(tmp_path: Path) -> None:
             img_rows = [g[f"float/image/{n}/rows"] for n in p["images"]]
             logits = rt.evaluate_ids(p["input_ids"], img_rows)
             assert rel_l2(logits, g[f"float/prompt/{name}/logits"][-1]) < 1e-4, name
-            chain = build_sampler(
-                rt.vocab,
-                temperature=0.0,
-                top_k=40,
-                top_p=1.0,
-                min_p=0.0,
-                repeat_penalty=1.0,
-                repeat_last_n=64,
-                frequency_penalty=0.0,
-                presence_penalty=0.0,
-                seed=0,
-                grammar=None,
-            )
+            chain = greedy_chain(rt.vocab)
             try:
                 assert rt.generate(p["input_ids"], img_rows, 8, chain) == p["greedy"], name
             finally:

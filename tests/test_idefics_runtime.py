@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
-from test_idefics_parity import _why
+from support.decoder import needs_decoder
 
 from mmchat.runtime import LoadOptions, Message, SamplingParams
 from mmchat.runtime.loader import load_model
@@ -24,7 +23,7 @@ from mmchat.vision import load_image
 from mmchat.vision.synthetic import rel_l2
 
 ROOT = Path(__file__).parent / "fixtures" / "idefics"
-pytestmark = pytest.mark.skipif(_why is not None, reason=f"no native decoder: {_why}")
+pytestmark = needs_decoder
 OPTS = LoadOptions(n_ctx=256, n_threads=2, kv_cache_type="f32")
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from support.decoder import needs_decoder
 
 from mmchat.errors import UserError
 from mmchat.vision.image import load_image
@@ -52,20 +53,7 @@ needs_torch = pytest.mark.skipif(
 )
 
 
-def _decoder_available() -> str | None:
-    from mmchat.native.library import NativeUnavailableError
-
-    try:
-        from mmchat.native.decoder import decoder_library
-
-        decoder_library()
-    except NativeUnavailableError as exc:
-        return str(exc)
-    return None
-
-
-_why = _decoder_available()
-pytestmark = pytest.mark.skipif(_why is not None, reason=f"no native decoder: {_why}")
+pytestmark = needs_decoder
 
 
 @cache
@@ -177,23 +165,11 @@ def test_images_change_the_answer(runtime: Any) -> None:
 
 @pytest.mark.parametrize("name", ["one_image", "two_images"])
 def test_greedy_tokens_match(runtime: Any, name: str) -> None:
-    from mmchat.runtime.sampler import build_sampler
+    from support.sampling import greedy_chain
 
     meta, _ = goldens(runtime.variant)
     p = meta["prompts"][name]
-    chain = build_sampler(
-        runtime.vocab,
-        temperature=0.0,
-        top_k=40,
-        top_p=1.0,
-        min_p=0.0,
-        repeat_penalty=1.0,
-        repeat_last_n=64,
-        frequency_penalty=0.0,
-        presence_penalty=0.0,
-        seed=0,
-        grammar=None,
-    )
+    chain = greedy_chain(runtime.vocab)
     try:
         got = runtime.generate(p["ids"], rows_of(runtime, p["images"]), 8, chain)
     finally:
